@@ -1,0 +1,23 @@
+"""Test configuration: run the Triton kernels through the CPU interpreter where there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is decided here, at collection
+time, from torch.cuda (importing torch does not import triton).
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
