@@ -11,10 +11,8 @@ from .modules import BNReLUConv1x1  # noqa: F401
 
 def __getattr__(name):
     # fuse and models import lazily so `import fastpreact` stays light (no torchvision/fx at import).
-    if name == "fuse":
-        from .fuse import fuse
-        return fuse
-    if name == "models":
+    if name in ("fuse", "models"):
+        # fastpreact.fuse is the module fastpreact/fuse.py, which is itself callable: fastpreact.fuse(model).
         import importlib
-        return importlib.import_module(".models", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fastpreact' has no attribute {name!r}")
