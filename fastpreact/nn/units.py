@@ -1,0 +1,143 @@
+"""Fused residual units: the stock units of fastpreact.models.blocks with a forward on the fused kernels.
+
+Each class subclasses its stock unit and keeps its submodules (norm1, conv1, ..., downsample), so the
+state_dict keys and shapes are the stock ones and a checkpoint moves freely between kernels="stock" and
+kernels="fused". Only forward changes.
+
+Pre-act bottleneck, training (the hot path of ResNet-164/1001/200):
+
+    (h1, stats2), shortcut = bn_relu_conv1x1_dual(x; norm1; conv1, downsample; input_stats=stats1)
+                             [or bn_relu_conv1x1 when the shortcut is the identity]
+    h2 = conv2(relu(norm2(h1)))   one Triton BN-ReLU pass feeding cuDNN's 3x3, recomputed in backward
+    y, stats_out = bn_relu_conv1x1(h2; norm3; conv3; residual=shortcut), BN3's statistics from one
+                   batch_stats pass (cuDNN's 3x3 cannot emit them)
+
+stats1 are the statistics of x emitted by the previous unit's last epilogue (None for the first unit:
+measured here), stats2 come from conv1's epilogue, and stats_out (of y = conv3(...) + shortcut, as
+stored) become the next unit's stats1. Saved for backward: x, h1, h2 (and per-channel vectors), against
+x, relu(bn1(x)), h1, relu(bn2(h1)), h2, relu(bn3(h2)) for the stock unit.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import functional as Fp
+from ..models.blocks import Basic, Bottleneck, PreActBasic, PreActBottleneck
+from .bn_relu import FusedBatchNormReLU2d, FusedStem, bn_relu_conv2d, bn_statistics
+
+__all__ = ["FusedPreActBottleneck", "FusedPreActBasic", "FusedBottleneck", "FusedBasic",
+           "fused_components"]
+
+
+def _bn_args(bn):
+    """The BN half of the fused ops' arguments, in train or eval mode as `bn` is."""
+    tracked = bn.track_running_stats and bn.running_mean is not None
+    return dict(running_mean=bn.running_mean if tracked else None,
+                running_var=bn.running_var if tracked else None,
+                num_batches_tracked=bn.num_batches_tracked if (bn.training and tracked) else None,
+                training=bn.training, momentum=bn.momentum, eps=bn.eps)
+
+
+def _shared_bn_args(bn, mean, var, batch_stats):
+    """BN arguments for a second consumer of a pre-activation whose statistics were already taken (and
+    whose running statistics were already updated) by the first: batch statistics are passed in and no
+    running statistics are given, so nothing is updated twice."""
+    if batch_stats:
+        return dict(running_mean=None, running_var=None, training=True, momentum=bn.momentum,
+                    eps=bn.eps, input_stats=(mean, var))
+    return dict(running_mean=bn.running_mean, running_var=bn.running_var, training=False,
+                momentum=bn.momentum, eps=bn.eps)
+
+
+class FusedPreActBottleneck(PreActBottleneck):
+    """PreActBottleneck on the fused kernels; see the module docstring."""
+
+    def forward(self, x):
+        return self.forward_with_stats(x, None)[0]
+
+    def forward_with_stats(self, x, stats=None):
+        """(unit output, its batch statistics or None); `stats`: x's batch statistics, or None."""
+        emit = self.training  # statistics are only worth emitting for a consumer in training mode
+        if self.norm1 is not None:
+            n1 = self.norm1
+            if self.downsample is not None:
+                out = Fp.bn_relu_conv1x1_dual(
+                    x, self.conv1.weight, self.downsample.weight, n1.weight, n1.bias,
+                    stride_a=self.conv1.stride[0], stride_b=self.downsample.stride[0],
+                    input_stats=stats, output_stats_a=emit, **_bn_args(n1))
+                (h1, stats2), shortcut = out if emit else ((out[0], None), out[1])
+            else:
+                out = Fp.bn_relu_conv1x1(x, self.conv1.weight, n1.weight, n1.bias,
+                                         stride=self.conv1.stride[0], input_stats=stats,
+                                         output_stats=emit, **_bn_args(n1))
+                h1, stats2 = out if emit else (out, None)
+                shortcut = x
+        else:  # the first ImageNet unit: the stem already applied BN-ReLU
+            h1, stats2 = self.conv1(x), None
+            shortcut = self.downsample(x) if self.downsample is not None else x
+        h2 = bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=stats2)
+        n3 = self.norm3
+        out = Fp.bn_relu_conv1x1(h2, self.conv3.weight, n3.weight, n3.bias, residual=shortcut,
+                                 output_stats=emit, **_bn_args(n3))
+        return out if emit else (out, None)
+
+
+class FusedPreActBasic(PreActBasic):
+    """PreActBasic with both BN-ReLU-conv3x3 pairs on bn_relu_conv2d (pre-activations recomputed in
+    backward) and the projection shortcut on the fused 1x1 op sharing norm1's statistics."""
+
+    def forward(self, x):
+        return self.forward_with_stats(x, None)[0]
+
+    def forward_with_stats(self, x, stats=None):
+        if self.norm1 is not None:
+            mean, var, batch_stats = bn_statistics(self.norm1, x, stats)
+            h1 = bn_relu_conv2d(x, self.norm1, self.conv1, stats=(mean, var, batch_stats))
+            if self.downsample is not None:
+                n1 = self.norm1
+                shortcut = Fp.bn_relu_conv1x1(x, self.downsample.weight, n1.weight, n1.bias,
+                                              stride=self.downsample.stride[0],
+                                              **_shared_bn_args(n1, mean, var, batch_stats))
+            else:
+                shortcut = x
+        else:
+            h1 = self.conv1(x)
+            shortcut = self.downsample(x) if self.downsample is not None else x
+        # cuDNN's 3x3 cannot emit statistics: the next unit measures its input itself.
+        return bn_relu_conv2d(h1, self.norm2, self.conv2) + shortcut, None
+
+
+class FusedBottleneck(Bottleneck):
+    """Original bottleneck: BN1-ReLU before the 3x3 on bn_relu_conv2d, BN2-ReLU-conv3 on the fused 1x1
+    op; conv1, BN3 and the projection stay stock."""
+
+    def forward(self, x):
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        h2 = bn_relu_conv2d(self.conv1(x), self.norm1, self.conv2)
+        n2 = self.norm2
+        h3 = Fp.bn_relu_conv1x1(h2, self.conv3.weight, n2.weight, n2.bias, **_bn_args(n2))
+        return F.relu(self.norm3(h3) + shortcut)
+
+
+class FusedBasic(Basic):
+    """Original basic unit: BN1-ReLU before the second 3x3 on bn_relu_conv2d; the rest stays stock."""
+
+    def forward(self, x):
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        h2 = bn_relu_conv2d(self.conv1(x), self.norm1, self.conv2)
+        return F.relu(self.norm2(h2) + shortcut)
+
+
+_FUSED = {PreActBottleneck: FusedPreActBottleneck, PreActBasic: FusedPreActBasic,
+          Bottleneck: FusedBottleneck, Basic: FusedBasic}
+
+
+def fused_components(unit_cls):
+    """The ResNet constructor arguments that swap a stock net for the fused one built of `unit_cls`'s
+    fused version: unit_cls, norm_layer, stem_cls and chain_stats (what create_model(kernels="fused")
+    passes; the model definition is the same)."""
+    if unit_cls not in _FUSED:
+        raise ValueError(f"fused_components: no fused version of {unit_cls.__name__}; "
+                         f"known: {', '.join(c.__name__ for c in _FUSED)}")
+    return dict(unit_cls=_FUSED[unit_cls], norm_layer=FusedBatchNormReLU2d, stem_cls=FusedStem,
+                chain_stats=unit_cls in (PreActBottleneck, PreActBasic))
