@@ -6,7 +6,7 @@ fastpreact.functional.bn_relu_conv1x1, fastpreact.fuse, and `python -m fastpreac
 __version__ = "0.1.0"
 
 from . import functional, reference  # noqa: F401
-from .modules import BNReLUConv1x1  # noqa: F401
+from .modules import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
 
 
 def __getattr__(name):

@@ -1,0 +1,253 @@
+"""Per-channel batch statistics of a channels-last activation, viewed as a row-major matrix [M, C], and
+BatchNorm's per-channel finish (rstd, running-statistics update) fused into the same launch.
+
+Design limits: fp32 accumulation whatever the input dtype (fp32, fp16, bf16); int64 row offsets. The
+result is the mean and the BIASED variance (what BatchNorm normalises with); the running variance gets
+the unbiased one. Two launches per call (per-tile partials, then one merge per channel block), none of
+which synchronises with the host: momentum=None (cumulative average) reads num_batches_tracked on the
+device.
+
+Numerics: a single-pass sum of squares loses everything when the mean is large against the spread
+(mean 1e3, std 1 in fp32 leaves ~2 significant bits of the variance), and even a plain sum of 64 values
+of 1e3 loses a few ulps of the mean. So every tile of rows produces (count, mean, M2 about the tile's
+own mean) from values shifted by the tile's first row, and tiles are merged, in coordinates shifted by
+the first tile's mean, with Chan et al.'s formula
+    n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n
+so no quantity ever carries the squared mean, and the mean is rounded once at the end. The GEMM
+epilogue of bn_relu_conv1x1 emits the same per-tile partials for the statistics of its output, and
+`merge_partial_stats` finishes both.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Tile shapes. The interpreter runs every program in Python, so there a few large-ish programs are
+# faster than many small ones; on a GPU 64 channels x 2 bytes = one 128-byte line per row.
+STATS_BLOCK_M = 64 if INTERPRET else 256
+STATS_BLOCK_C = 32 if INTERPRET else 64
+MERGE_BLOCK_P = 32 if INTERPRET else 64
+MERGE_BLOCK_C = 32 if INTERPRET else 64
+
+
+@triton.jit
+def _tile_mean_m2(v, mask, count):
+    """Per-column (mean, M2 about the mean) of the valid rows of a tile v [rows, cols] (fp32, count valid
+    rows, the first row always valid). The tile is shifted by its first row before summing, so a large
+    common offset (mean 1e3, std 1) costs no precision: sum(v - v0) is a sum of O(std) terms."""
+    first = tl.arange(0, v.shape[0]) == 0
+    v0 = tl.sum(tl.where(first[:, None], v, 0.0), axis=0)
+    d = tl.where(mask, v - v0[None, :], 0.0)
+    d_mean = tl.sum(d, axis=0) / count
+    dev = tl.where(mask, d - d_mean[None, :], 0.0)
+    return v0 + d_mean, tl.sum(dev * dev, axis=0)
+
+
+# Stage 1: for the tile of rows [pid_m*BLOCK_M, +BLOCK_M) and channels [pid_c*BLOCK_C, +BLOCK_C):
+#   n_t = number of valid rows;  mean_t[c] = x0[c] + sum_r (x[r, c] - x0[c]) / n_t  (x0: the tile's first
+#   row);  M2_t[c] = sum_r (x[r, c] - mean_t[c])^2  (two passes over the tile held in registers, so
+#   neither the mean nor M2 ever sums squares or values of the size of the mean).
+@triton.jit
+def _batch_stats_partial_kernel(
+    x_ptr,            # [M, C] row-major view of the channels-last activation (any float dtype)
+    part_mean_ptr,    # [num_m_blocks, C] fp32: per-tile mean
+    part_m2_ptr,      # [num_m_blocks, C] fp32: per-tile sum of squared deviations from the tile mean
+    M, C,
+    stride_xm,        # elements between consecutive rows of x (C for a contiguous channels-last tensor)
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    mean, m2 = _tile_mean_m2(x, mask, count)
+    out = pid_m * C + cols
+    tl.store(part_mean_ptr + out, mean, mask=col_ok)
+    tl.store(part_m2_ptr + out, m2, mask=col_ok)
+
+
+# BatchNorm's per-channel finish, shared by the merge kernel and the finalize kernel:
+#   rstd = 1 / sqrt(var + eps)
+#   training (UPDATE_RUNNING): running <- running + f * (batch - running)   (nn.BatchNorm2d's momentum
+#   update, f = momentum, or f = 1 / num_batches_tracked for momentum=None, read on the device so the
+#   host never synchronises), with the UNBIASED variance var * n / (n - 1) for running_var.
+@triton.jit
+def _bn_finish(mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr,
+               eps, momentum, unbias, WRITE_RSTD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+               MOMENTUM_FROM_NBT: tl.constexpr):
+    if WRITE_RSTD:
+        tl.store(rstd_ptr + cols, 1.0 / tl.sqrt_rn(var + eps), mask=col_ok)
+    if UPDATE_RUNNING:
+        if MOMENTUM_FROM_NBT:
+            factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+        else:
+            factor = momentum
+        rm = tl.load(running_mean_ptr + cols, mask=col_ok, other=0.0)
+        rv = tl.load(running_var_ptr + cols, mask=col_ok, other=0.0)
+        new_rm = rm.to(tl.float32) + factor * (mean - rm.to(tl.float32))
+        new_rv = rv.to(tl.float32) + factor * (var * unbias - rv.to(tl.float32))
+        tl.store(running_mean_ptr + cols, new_rm.to(rm.dtype), mask=col_ok)
+        tl.store(running_var_ptr + cols, new_rv.to(rv.dtype), mask=col_ok)
+
+
+# Stage 2: merge the per-tile partials of one block of channels. Tile p holds
+#   n_p = min(rows_per_block, M - p*rows_per_block) rows (known from its index, not stored).
+# Everything runs in coordinates shifted by the first tile's mean s (so no sum or running value carries
+# the size of the mean, and the result is rounded once, at the end). A chunk of BLOCK_P tiles is first
+# combined directly,
+#   n_k = sum n_p,  d_k = sum n_p (mean_p - s) / n_k,  M2_k = sum (M2_p + n_p (mean_p - s - d_k)^2),
+# then folded into the running (n, d, M2) with Chan's formula; mean = s + d. Output: mean and biased var = M2 / M,
+# optionally BatchNorm's finish (_bn_finish). The loop order is fixed, so the result is deterministic.
+@triton.jit
+def _merge_partial_stats_kernel(
+    part_mean_ptr,    # [num_blocks, C] fp32
+    part_m2_ptr,      # [num_blocks, C] fp32
+    mean_ptr,         # [C] fp32 out: mean
+    var_ptr,          # [C] fp32 out: biased variance
+    rstd_ptr,         # [C] fp32 out: 1/sqrt(var + eps) (when WRITE_RSTD)
+    running_mean_ptr,  # [C] BatchNorm running mean, updated in place (when UPDATE_RUNNING)
+    running_var_ptr,  # [C] BatchNorm running variance, updated in place (when UPDATE_RUNNING)
+    nbt_ptr,          # [] int64 num_batches_tracked, already incremented (when MOMENTUM_FROM_NBT)
+    num_blocks, M, C, rows_per_block,
+    eps, momentum, unbias,  # BN epsilon, momentum, M / (M - 1)
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_RSTD: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    run_n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    run_d = tl.zeros([BLOCK_C], dtype=tl.float32)
+    run_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    shift = tl.load(part_mean_ptr + cols, mask=col_ok, other=0.0)
+    for p0 in range(0, num_blocks, BLOCK_P):
+        blocks = p0 + tl.arange(0, BLOCK_P)
+        blk_ok = blocks < num_blocks
+        mask = blk_ok[:, None] & col_ok[None, :]
+        offs = blocks.to(tl.int64)[:, None] * C + cols[None, :]
+        p_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+        p_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
+        p_n = tl.minimum(M - blocks * rows_per_block, rows_per_block)
+        p_n = tl.where(blk_ok, p_n, 0).to(tl.float32)
+        k_n = tl.sum(p_n, axis=0)  # scalar: rows in this chunk
+        s_p = tl.where(mask, p_mean - shift[None, :], 0.0)
+        k_d = tl.sum(p_n[:, None] * s_p, axis=0) / k_n
+        d_p = tl.where(mask, s_p - k_d[None, :], 0.0)
+        k_m2 = tl.sum(p_m2 + p_n[:, None] * d_p * d_p, axis=0)
+        new_n = run_n + k_n
+        delta = k_d - run_d
+        run_d = run_d + delta * (k_n / new_n)
+        run_m2 = run_m2 + k_m2 + delta * delta * (run_n * k_n / new_n)
+        run_n = new_n
+    run_mean = shift + run_d
+    var = run_m2 / run_n
+    tl.store(mean_ptr + cols, run_mean, mask=col_ok)
+    tl.store(var_ptr + cols, var, mask=col_ok)
+    _bn_finish(run_mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, eps,
+               momentum, unbias, WRITE_RSTD, UPDATE_RUNNING, MOMENTUM_FROM_NBT)
+
+
+# BatchNorm's finish from statistics already known (a producer's epilogue statistics, or the running
+# statistics in eval mode): rstd, and in training the running-statistics update (see _bn_finish).
+@triton.jit
+def _bn_finalize_kernel(
+    mean_ptr,         # [C] fp32 batch (or running) mean
+    var_ptr,          # [C] fp32 biased batch (or running) variance
+    rstd_ptr,         # [C] fp32 out
+    running_mean_ptr,  # [C] updated in place (when UPDATE_RUNNING)
+    running_var_ptr,  # [C] updated in place (when UPDATE_RUNNING)
+    nbt_ptr,          # [] int64 num_batches_tracked, already incremented (when MOMENTUM_FROM_NBT)
+    C, eps, momentum, unbias,
+    BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+    _bn_finish(mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, eps,
+               momentum, unbias, True, UPDATE_RUNNING, MOMENTUM_FROM_NBT)
+
+
+def _alloc(shape, device, poison):
+    if poison:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _running_args(running_mean, running_var, num_batches_tracked, momentum, dummy):
+    """Kernel arguments of the running-statistics update (no update when running_mean is None, or when
+    momentum is None without a counter: what F.batch_norm does with momentum 0)."""
+    update = running_mean is not None and (momentum is not None or num_batches_tracked is not None)
+    from_nbt = update and momentum is None
+    return dict(
+        ptrs=(running_mean if update else dummy, running_var if update else dummy,
+              num_batches_tracked if from_nbt else dummy),
+        momentum=0.0 if momentum is None else float(momentum), UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt)
+
+
+def merge_partial_stats(part_mean, part_m2, M, rows_per_block, poison=False, *, eps=None,
+                        running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1):
+    """(mean, biased var) fp32 [C] from per-tile partials [num_blocks, C] of tiles of rows_per_block rows.
+
+    With eps given, also rstd = 1/sqrt(var + eps) (returned third) and, when running_mean is given, the
+    running-statistics update of nn.BatchNorm2d (num_batches_tracked must already be incremented).
+    """
+    num_blocks, C = part_mean.shape
+    dev = part_mean.device
+    mean = _alloc((C,), dev, poison)
+    var = _alloc((C,), dev, poison)
+    rstd = _alloc((C,), dev, poison) if eps is not None else mean
+    run = _running_args(running_mean, running_var, num_batches_tracked, momentum, mean)
+    grid = (triton.cdiv(C, MERGE_BLOCK_C),)
+    _merge_partial_stats_kernel[grid](
+        part_mean, part_m2, mean, var, rstd, *run["ptrs"], num_blocks, M, C, rows_per_block,
+        0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1),
+        BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, WRITE_RSTD=eps is not None,
+        UPDATE_RUNNING=run["UPDATE_RUNNING"], MOMENTUM_FROM_NBT=run["MOMENTUM_FROM_NBT"], num_warps=4)
+    return (mean, var, rstd) if eps is not None else (mean, var)
+
+
+def bn_finalize(mean, var, eps, count, poison=False, *, running_mean=None, running_var=None,
+                num_batches_tracked=None, momentum=0.1):
+    """rstd = 1/sqrt(var + eps) fp32 [C], with the running-statistics update when running_mean is given
+    (count = values per channel behind mean/var; num_batches_tracked must already be incremented)."""
+    C = mean.shape[0]
+    rstd = _alloc((C,), mean.device, poison)
+    run = _running_args(running_mean, running_var, num_batches_tracked, momentum, rstd)
+    _bn_finalize_kernel[(triton.cdiv(C, MERGE_BLOCK_C),)](
+        mean, var, rstd, *run["ptrs"], C, float(eps), run["momentum"], count / max(count - 1, 1),
+        BLOCK_C=MERGE_BLOCK_C, UPDATE_RUNNING=run["UPDATE_RUNNING"], MOMENTUM_FROM_NBT=run["MOMENTUM_FROM_NBT"],
+        num_warps=4)
+    return rstd
+
+
+def batch_stats_rows(x2d, poison=False, **bn):
+    """(mean, biased var) fp32 [C] over the rows of x2d [M, C] (unit stride along C, any row stride).
+
+    bn: eps, running_mean, running_var, num_batches_tracked, momentum: see merge_partial_stats (then
+    (mean, var, rstd) is returned and the running statistics are updated in the same launch)."""
+    M, C = x2d.shape
+    if x2d.stride(1) != 1 and C > 1:
+        raise ValueError("batch_stats_rows: x2d must have unit stride along channels; make the activation "
+                         "channels-last contiguous first")
+    if M == 0:
+        raise ValueError("batch_stats_rows: no rows (empty batch); statistics need at least one value")
+    num_blocks = triton.cdiv(M, STATS_BLOCK_M)
+    part_mean = _alloc((num_blocks, C), x2d.device, poison)
+    part_m2 = _alloc((num_blocks, C), x2d.device, poison)
+    grid = (num_blocks, triton.cdiv(C, STATS_BLOCK_C))
+    _batch_stats_partial_kernel[grid](x2d, part_mean, part_m2, M, C, x2d.stride(0),
+                                      BLOCK_M=STATS_BLOCK_M, BLOCK_C=STATS_BLOCK_C,
+                                      num_warps=4 if INTERPRET else 8)
+    return merge_partial_stats(part_mean, part_m2, M, STATS_BLOCK_M, poison, **bn)
