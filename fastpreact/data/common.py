@@ -1,0 +1,114 @@
+"""Pieces every loader shares: the error type, seed mixing, the per-epoch permutation and its shards.
+
+Determinism model (all loaders): the order of an epoch is a permutation drawn from a generator seeded
+by mix_seed(seed, epoch), identical on every rank; rank r takes every world_size-th element of it
+(interleaved), so the images all ranks have consumed after k batches are exactly a prefix of the
+permutation. Every augmentation choice of batch b on rank r comes from a generator seeded by
+mix_seed(seed, epoch, b, rank). Nothing else is random, so (epoch, position) is the whole loader state.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+class DataError(ValueError):
+    """A problem with the data a user pointed us at (missing directory, bad layout, corrupt archive)."""
+
+
+def _splitmix64(x: int) -> int:
+    # SplitMix64 finaliser: a bijective avalanche on 64 bits, so nearby inputs give unrelated seeds.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers given (stable across runs and machines)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1  # torch.Generator.manual_seed wants a value that fits in int64
+
+
+def generator(*parts: int) -> torch.Generator:
+    """A CPU torch.Generator seeded from mix_seed(*parts)."""
+    g = torch.Generator()
+    g.manual_seed(mix_seed(*parts))
+    return g
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's order of the n training items (int64, CPU), the same on every rank."""
+    return torch.randperm(n, generator=generator(seed, epoch, 0x5EED))
+
+
+def rank_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's disjoint part of the permutation: every world_size-th item starting at rank.
+
+    The tail (n % world_size items) is dropped so that every rank gets the same count; which items fall
+    in the tail changes every epoch with the permutation.
+    """
+    per_rank = perm.numel() // world_size
+    return perm[: per_rank * world_size].view(per_rank, world_size)[:, rank]
+
+
+def val_shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of the validation set for this rank; sizes differ by at most one and
+    the ranges tile [0, n) exactly (no padding duplicates)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def check_common_args(batch_size, rank, world_size, dtype):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer per rank, got {batch_size!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise DataError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise DataError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+
+
+class ResumableState:
+    """The state_dict()/load_state_dict() every train loader shares: (epoch, position) plus the
+    settings that give a position its meaning, checked on load so a mismatched resume fails loudly."""
+
+    def _state_keys(self):
+        return {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
+                "num_batches": len(self)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, **self._state_keys()}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"loader state must hold integer 'epoch' and 'position', got {state!r}") from None
+        mine = self._state_keys()
+        if position != 0:
+            # Mid-epoch, a position only means the same batches under the same sharding and batch size.
+            for key, value in mine.items():
+                if key in state and state[key] != value:
+                    raise DataError(
+                        f"cannot resume mid-epoch: the checkpoint's loader has {key}={state[key]} but this "
+                        f"one has {key}={value}; resume with the same --batch-size, GPU count and seed, "
+                        f"or from a checkpoint taken at an epoch boundary")
+        if not 0 <= position < len(self):
+            raise DataError(f"loader position {position} is outside this epoch's {len(self)} batches")
+        if "seed" in state:
+            self.seed = int(state["seed"])  # the saved run's seed defines its batches
+        self.epoch, self.position = epoch, position
+
+    def _advance(self, batch_index: int) -> None:
+        # Called as batch `batch_index` is handed out: a state_dict() taken while the caller works on it
+        # already points past it, and after the epoch's last batch it points at the next epoch's start.
+        self.position = batch_index + 1
+        if self.position >= len(self):
+            self.epoch += 1
+            self.position = 0
