@@ -101,10 +101,22 @@ def _prune_by_size(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune_by_size}
-# Tuned choices persist in triton's cache directory where this triton can (>= 3.2), so the tests, the
-# benchmarks and training runs on one machine tune each shape once.
-_AUTOTUNE_EXTRA = ({"cache_results": True}
-                   if "cache_results" in inspect.signature(triton.autotune).parameters and not INTERPRET else {})
+# Tuned choices persist in triton's cache directory where this triton can (>= 3.2), so the benchmarks and
+# training runs on one machine tune each shape once.
+# FASTPREACT_QUICK_AUTOTUNE=1 (tests/conftest.py sets it on a GPU): each config is timed for ~3 ms instead
+# of triton's default 25 + 100 ms, since the tests need a valid choice, not the fastest; every config is
+# still compiled and launched. Such rough choices are not written to the disk cache (the tests also turn
+# TRITON_CACHE_AUTOTUNING off), so the benchmarks and training tune for themselves.
+_AUTOTUNE_PARAMS = inspect.signature(triton.autotune).parameters
+_QUICK_AUTOTUNE = os.environ.get("FASTPREACT_QUICK_AUTOTUNE") == "1"
+_AUTOTUNE_EXTRA = {}
+if not INTERPRET and _QUICK_AUTOTUNE and "do_bench" in _AUTOTUNE_PARAMS:
+    import triton.testing
+
+    _AUTOTUNE_EXTRA["do_bench"] = lambda kernel_call, quantiles: triton.testing.do_bench(
+        kernel_call, warmup=1, rep=3, quantiles=quantiles)
+elif not INTERPRET and "cache_results" in _AUTOTUNE_PARAMS:
+    _AUTOTUNE_EXTRA["cache_results"] = True
 
 
 @triton.jit

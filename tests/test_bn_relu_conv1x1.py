@@ -99,6 +99,28 @@ def _assert_oracle(name, ours, ref64, lowp=None, rtol=2e-5, dtype=torch.float16)
                            f"{err.max().item():.3g} (scale {scale.item():.3g})")
 
 
+def _center_relu_crossings(inp, training, eps=1e-5):
+    """Shift beta per channel so that ReLU's threshold lies midway between the two pre-activations
+    z = (x - mean) * gamma * rstd + beta nearest to it (float64 statistics of the rounded x).
+
+    x is on the low-precision grid, so equal values share one z: were a z within fp32 roundoff
+    (~1e-7) of 0, ours and the fp32-statistics reference could take the other side of the ReLU there
+    than float64 does, and dx, dgamma, dbeta would differ by a whole da at every row holding that value
+    (at ResNet sizes, hundreds of rows; likely somewhere among thousands of channels). Centring keeps
+    every |z| at half a grid gap (>> 1e-7) without changing x or its statistics."""
+    x64 = inp["x"].double()
+    if training:
+        mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = inp["rm"].double(), inp["rv"].double()
+    scale = inp["gamma"].double() * (var + eps).rsqrt()
+    z = (x64 - mean[None, :, None, None]) * scale[None, :, None, None] + inp["beta"].double()[None, :, None, None]
+    below = torch.where(z < 0, z, -torch.inf).amax(dim=(0, 2, 3))
+    above = torch.where(z >= 0, z, torch.inf).amin(dim=(0, 2, 3))
+    shift = torch.where(below.isfinite() & above.isfinite(), (below + above) / 2, 0.0)
+    inp["beta"] = (inp["beta"].double() - shift).to(inp["beta"].dtype)
+
+
 def _compare(n, c, h, w, cout, stride, training, dtype, extras, seed=0, device="cpu", x_offset=0.3):
     """Ours vs float64 reference: fp32 within a small rtol of each tensor's scale, low precision relative
     to stock PyTorch's own error at that precision."""
@@ -111,6 +133,7 @@ def _compare(n, c, h, w, cout, stride, training, dtype, extras, seed=0, device="
         for k in ("x", "res"):
             if inp[k] is not None:
                 inp[k] = inp[k].to(dtype).float()
+        _center_relu_crossings(inp, training)
     y, grads, (rm, rv, nbt), stats = _run(inp, impl="ours", training=training, stride=stride, dtype=dtype,
                                           out_stats=out_stats)
     y64, grads64, (rm64, rv64, nbt64), _ = _run(inp, impl="ref64", training=training, stride=stride,
@@ -425,7 +448,7 @@ RESNET200_1X1 = [  # (N, C, H, W, Cout, stride)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])  # fp16: the grid above (time budget)
 @pytest.mark.parametrize("case", RESNET200_1X1, ids=lambda s: "-".join(map(str, s)))
 def test_resnet200_shapes_cuda(case, dtype):
     n, c, h, w, cout, stride = case
