@@ -71,6 +71,19 @@ def autocast():
     return torch.autocast(DEVICE.type, dtype=AMP_DTYPE)
 
 
+def eager_step(model, opt, x, y):
+    """One eager training step (forward under autocast, cross-entropy, backward, optimizer step) as a closure."""
+    import torch.nn.functional as F
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def sync():
     if ON_GPU:
         torch.cuda.synchronize()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import _bench as B
 
@@ -65,12 +64,7 @@ def test_fuse(benchmark, results, model_name, kernels):
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g).to(B.DEVICE)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with B.autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+    step = B.eager_step(model, opt, x, y)
 
     def target():
         step()

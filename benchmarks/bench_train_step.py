@@ -67,16 +67,6 @@ def build(arch, kernels, cfg):
     return model, opt
 
 
-def eager_step(model, opt, x, y):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with B.autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    return step
-
-
 def graph_step(model, opt, x, y, warmup=3):
     """The whole step (forward, backward, optimizer) captured in one CUDA graph; returns its replay.
 
@@ -87,7 +77,7 @@ def graph_step(model, opt, x, y, warmup=3):
     """
     source = x.clone()
     static_x = x
-    step = eager_step(model, opt, static_x, y)
+    step = B.eager_step(model, opt, static_x, y)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -175,7 +165,7 @@ def test_train_step(benchmark, results, arch, kernels, graph):
         if graph:
             step = graph_step(model, opt, x, y)
         else:
-            step = eager_step(model, opt, x, y)
+            step = B.eager_step(model, opt, x, y)
             if B.warmup_steps(kernels):
                 step()  # first step: compilation (compile), autotuning (fused), cuDNN algorithm search
         B.sync()
