@@ -1,9 +1,20 @@
 """fastpreact: the fastest way to train pre-activation ResNets in PyTorch.
 
-Public interface (see DESIGN.md): fastpreact.models.create_model, fastpreact.BNReLUConv1x1,
+Public interface: fastpreact.models.create_model, fastpreact.BNReLUConv1x1,
 fastpreact.functional.bn_relu_conv1x1, fastpreact.fuse, and `python -m fastpreact.train`.
 """
+import importlib.util as _importlib_util
+
 __version__ = "0.1.0"
+
+# kernels/ sits at the top of the repository and is installed as fastpreact.kernels (setup.py's
+# package_dir). A legacy `setup.py develop` install (old setuptools, no PEP 660) drops that mapping;
+# without this check every fused path would then fail far from the cause.
+if _importlib_util.find_spec(__name__ + ".kernels") is None:
+    raise ImportError(
+        "fastpreact.kernels is missing from this install (kernels/ was not mapped to fastpreact.kernels, "
+        "as a legacy `setup.py develop` install does): reinstall with `pip install -U pip 'setuptools>=64'` "
+        "and then `pip install -e .` from the repository")
 
 from . import functional, reference  # noqa: F401
 from .modules import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
