@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import _bench as B
-from bench_train_step import build, eager_step
+from bench_train_step import build
 
 ARCH, IMAGE, NUM_CLASSES = "resnet200", 224, 1000
 START, STEP, CAP = 32, 16, 4096
@@ -78,7 +78,7 @@ def test_max_batch(benchmark, results, kernels):
         x = y = None
         try:
             x, y = data(batch)
-            step = eager_step(model, opt, x, y)
+            step = B.eager_step(model, opt, x, y)
             step()
             B.reset_peak()
             step()
@@ -101,7 +101,7 @@ def test_max_batch(benchmark, results, kernels):
         B.unavailable(results, row, f"not even batch {STEP} fits on this GPU")
     row.update(batch=best, peak_mem_gb=B.sig(tried[best]), notes=f"tried {sorted(tried)} in {search_s:.0f} s")
     x, y = data(best)
-    step = eager_step(model, opt, x, y)
+    step = B.eager_step(model, opt, x, y)
 
     def target():
         step()
