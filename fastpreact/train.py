@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .distributed import destroy_process_group, dist_env, init_process_group, launch_local_workers
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json,
                          list_checkpoints, load_checkpoint, newest_valid_checkpoint, remove_stale_tmp,
                          rng_state, save_checkpoint, set_rng_state)
@@ -124,13 +125,6 @@ def build_parser():
     g.add_argument("--log-every", type=int, help=f"iterations between metrics records (default {LOG_EVERY})")
     g.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint or final.pt and exit")
     return p
-
-
-def dist_env():
-    """(rank, world_size, local_rank) from the torchrun/launcher environment, else one process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
 
 
 def resolve_config(opts, world_size):
@@ -251,7 +245,7 @@ def main(argv=None):
         if launching:
             if args.out is None:  # one folder for all workers, named once here
                 argv += ["--out", default_out(cfg)]
-            return launch_local_workers(args.gpus, argv)
+            return launch_local_workers(args.gpus, argv, main)
         return worker(opts, rank, world_size, local_rank)
     except KeyboardInterrupt:
         print("fastpreact.train: interrupted", file=sys.stderr)
@@ -277,32 +271,6 @@ def user_errors():
 
 def default_out(cfg):
     return str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def _launched_worker(argv):
-    sys.exit(main(argv))
-
-
-def launch_local_workers(nproc, argv):
-    """Start nproc workers on this machine through torch.distributed's launcher (what torchrun
-    --standalone does) and return the first failing worker's exit code, else 0."""
-    import logging
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the workers report their errors
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"fastpreact-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          start_method="spawn")
-    try:
-        elastic_launch(config, _launched_worker)(argv)
-    except ChildFailedError as e:
-        codes = [f.exitcode for _, f in sorted(e.failures.items())]
-        return next((c for c in codes if c > 0), 1)
-    except SignalException as e:  # Ctrl-C/SIGTERM: the workers got it too, checkpointed and stopped
-        return 128 + int(e.sigval)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -352,7 +320,7 @@ def worker(opts, rank, world_size, local_rank):
     else:
         device = torch.device("cpu")
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group(device)
     is_main = rank == 0
 
     def say(msg):
@@ -620,8 +588,7 @@ def worker(opts, rank, world_size, local_rank):
     if dump_dir:
         torch.save(raw_model.state_dict(), Path(dump_dir) / f"rank{rank}.pt")
     if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        destroy_process_group(barrier=True)
     return exit_code
 
 
@@ -724,7 +691,7 @@ def eval_only(opts, rank, world_size, local_rank):
         torch.cuda.set_device(device)
     distributed = world_size > 1
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group(device)
     from .data import build_data
     from .models import create_model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
@@ -753,7 +720,7 @@ def eval_only(opts, rank, world_size, local_rank):
               f"{result['top5_err']:.2f}% on {result['images']} {cfg.dataset} validation images")
         print(json.dumps({"checkpoint": str(path), **result}))
     if distributed:
-        dist.destroy_process_group()
+        destroy_process_group()
     return 0
 
 

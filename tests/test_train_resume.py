@@ -124,7 +124,7 @@ def test_two_workers_under_torchrun_keep_identical_weights(tmp_path):
 def test_local_launcher_of_gpus_option_runs_workers_and_reports_their_errors(tmp_path):
     # --gpus N goes through launch_local_workers; with no GPU here it is called directly with CPU workers.
     launch = [sys.executable, "-c", "import sys; from fastpreact import train; "
-              "sys.exit(train.launch_local_workers(2, sys.argv[1:]))"]
+              "sys.exit(train.launch_local_workers(2, sys.argv[1:], train.main))"]
     out = tmp_path / "run"
     proc = subprocess.run(launch + ["shapes10", "--device", "cpu", "--arch", "resnet8", "--batch-size", "32",
                                     "--train-size", "128", "--val-size", "32", "--iters", "4", "--out", str(out)],
