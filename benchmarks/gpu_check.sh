@@ -68,6 +68,11 @@ if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
   "$PY" -m pip install -e . --no-deps --no-build-isolation -q >> "$ENVLOG" 2>&1 \
     || log "pip install -e . failed (see above); the checks run from the source tree"
 fi
+# The fused paths need fastpreact.kernels; an install that lost the kernels/ mapping stops here, not mid-run.
+if ! KERNELS=$(cd /tmp && "$PY" -c "import fastpreact.kernels as k; print(k.__path__[0])" 2>&1 | tail -n 1); then
+  log "gpu_check: fastpreact.kernels does not import: $KERNELS"; exit 2
+fi
+log "fastpreact.kernels from $KERNELS"
 if command -v nvidia-smi > /dev/null; then
   log "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
   nvidia-smi >> "$ENVLOG" 2>&1
