@@ -1,5 +1,23 @@
 """fastpreact: fused Triton kernels and a compact trainer for pre-activation ResNets."""
+import sys
+
+import setuptools
 from setuptools import find_packages, setup
+
+# An editable install keeps kernels/ as fastpreact.kernels only through PEP 660 (setuptools >= 64),
+# whose editable wheel needs bdist_wheel: built into setuptools >= 70.1, from the `wheel` package before.
+# pyproject.toml asks for both, but `--no-build-isolation` installs nothing, so say what is missing here
+# instead of failing with "invalid command 'bdist_wheel'" or installing without the kernels.
+_SETUPTOOLS = tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit())
+if _SETUPTOOLS < (64,):
+    sys.exit(f"fastpreact needs setuptools >= 64 to install (found {setuptools.__version__}): "
+             "run `pip install -U 'setuptools>=64' wheel`, then the install again")
+if _SETUPTOOLS < (70, 1):
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        sys.exit(f"fastpreact needs the `wheel` package beside setuptools {setuptools.__version__} "
+                 "(or setuptools >= 70.1): run `pip install wheel`, then the install again")
 
 setup(
     name="fastpreact",
