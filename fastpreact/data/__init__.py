@@ -94,13 +94,13 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
     common = dict(rank=rank, world_size=world_size, dtype=dtype)
 
     if synthetic:
-        from .synthetic import SyntheticTrainLoader, SyntheticValLoader
+        from .synthetic import SyntheticTrainLoader, synthetic_val_loader
         size = info.image_size
         train = SyntheticTrainLoader(num_classes=info.num_classes, image_size=size, train_size=n_train,
                                      batch_size=batch_size, device=device, seed=seed, **common)
         vsize = val_crop if dataset == "imagenet" else size
-        val = SyntheticValLoader(num_classes=info.num_classes, image_size=vsize, val_size=n_val,
-                                 batch_size=val_batch_size, device=device, seed=seed, **common)
+        val = synthetic_val_loader(num_classes=info.num_classes, image_size=vsize, val_size=n_val,
+                                   batch_size=val_batch_size, device=device, seed=seed, **common)
         return DataBundle(train, val, info.num_classes, size, n_train, n_val, (0.0,) * 3, (1.0,) * 3,
                           dataset, loader="synthetic")
 
@@ -111,7 +111,7 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
                               val_batch_size=val_batch_size, train_size=train_size, val_size=val_size,
                               download=download, **common)
 
-    from .ondevice import OnDeviceTrainLoader, OnDeviceValLoader
+    from .ondevice import OnDeviceTrainLoader, on_device_val_loader
     if dataset == "shapes10":
         from . import shapes10
         tx, ty, vx, vy = shapes10.load_shapes10(n_train, n_val)
@@ -125,7 +125,7 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
         mean, std = cifar.CIFAR_STATS[dataset]
     tx, ty, vx, vy = (t.contiguous().to(device) for t in (tx, ty, vx, vy))
     train = OnDeviceTrainLoader(tx, ty, mean=mean, std=std, batch_size=batch_size, seed=seed, **common)
-    val = OnDeviceValLoader(vx, vy, mean=mean, std=std, batch_size=val_batch_size, **common)
+    val = on_device_val_loader(vx, vy, mean=mean, std=std, batch_size=val_batch_size, **common)
     return DataBundle(train, val, info.num_classes, info.image_size, n_train, n_val, mean, std, dataset)
 
 
