@@ -12,12 +12,10 @@ per-channel mean/std, given in DataBundle.mean/std on the 0..255 pixel scale.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .common import DataError, check_common_args
+from .common import DataBundle, DataError, check_common_args
 
 __all__ = ["build_data", "DataBundle", "DataError", "DATASETS", "loader_throughput"]
 
@@ -41,21 +39,6 @@ DATASETS = {
 
 LOADERS = ("auto", "dali", "torchvision")
 AUGS = ("inception", "scale")
-
-
-@dataclass
-class DataBundle:
-    train: Any            # TrainLoader: len, iter, epoch, position, state_dict, load_state_dict
-    val: Any              # ValLoader: this rank's disjoint shard of the validation set, in order
-    num_classes: int
-    image_size: int       # training crop side (validation uses val_crop for imagenet)
-    train_size: int       # images in the whole training set (all ranks)
-    val_size: int         # images in the whole validation set (all ranks)
-    mean: tuple           # per-channel, 0..255 scale
-    std: tuple            # per-channel, 0..255 scale
-    name: str
-    loader: str = "device"  # "device" (CIFAR/shapes10 on the device), "dali", "torchvision", "synthetic"
-    notes: list = field(default_factory=list)  # e.g. files skipped as unreadable
 
 
 def _subset(n_default, n, what, dataset):
@@ -109,7 +92,7 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
         return build_imagenet(data_dir=data_dir, batch_size=batch_size, device=device, seed=seed,
                               loader=loader, aug=aug, val_crop=val_crop, workers=workers,
                               val_batch_size=val_batch_size, train_size=train_size, val_size=val_size,
-                              download=download, **common)
+                              download=download, image_size=info.image_size, **common)
 
     from .ondevice import OnDeviceTrainLoader, on_device_val_loader
     if dataset == "shapes10":

@@ -9,6 +9,9 @@ mix_seed(seed, epoch, b, rank). Nothing else is random, so (epoch, position) is 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -133,6 +136,23 @@ class ValLoader:
 
     def __iter__(self):
         return iter(self._batches())
+
+
+@dataclass
+class DataBundle:
+    """What build_data returns: the two loaders and what a trainer needs to know about the data set."""
+
+    train: Any            # TrainLoader: len, iter, epoch, position, state_dict, load_state_dict
+    val: Any              # ValLoader: this rank's disjoint shard of the validation set, in order
+    num_classes: int
+    image_size: int       # training crop side (validation uses val_crop for imagenet)
+    train_size: int       # images in the whole training set (all ranks)
+    val_size: int         # images in the whole validation set (all ranks)
+    mean: tuple           # per-channel, 0..255 scale
+    std: tuple            # per-channel, 0..255 scale
+    name: str
+    loader: str = "device"  # "device" (CIFAR/shapes10 on the device), "dali", "torchvision", "synthetic"
+    notes: list = field(default_factory=list)  # e.g. files skipped as unreadable
 
 
 def check_common_args(batch_size, rank, world_size, dtype):
