@@ -127,10 +127,6 @@ class ValLoader:
         self.batch_ranges, self._batches = batch_ranges, batches
         self.skipped = [] if skipped is None else skipped
 
-    @property
-    def num_images(self) -> int:
-        return sum(hi - lo for lo, hi in self.batch_ranges)
-
     def __len__(self):
         return len(self.batch_ranges)
 

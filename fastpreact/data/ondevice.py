@@ -34,14 +34,14 @@ class OnDeviceTrainLoader(ResumableState):
     """
 
     def __init__(self, images, labels, *, mean, std, batch_size, rank=0, world_size=1, seed=0,
-                 dtype=torch.float32, pad=4, augment=True):
+                 dtype=torch.float32, pad=4):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise DataError(f"expected uint8 images [N,H,W,3], got {tuple(images.shape)} {images.dtype}")
         self.images, self.labels = images, labels
         self.device = images.device
         self.normalise = Normaliser(mean, std, self.device, dtype)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.dtype, self.pad, self.augment = int(seed), dtype, pad, augment
+        self.seed, self.dtype, self.pad = int(seed), dtype, pad
         self.epoch, self.position = 0, 0
         self._num_batches = train_batch_count(images.shape[0], world_size, batch_size)
         self._shards = EpochShards(images.shape[0], rank, world_size, self.device)
@@ -58,9 +58,6 @@ class OnDeviceTrainLoader(ResumableState):
     def make_batch(self, epoch: int, batch_index: int):
         """Batch `batch_index` of `epoch` on this rank, without touching the loader's position."""
         idx = self.batch_indices(epoch, batch_index)
-        labels = self.labels[idx]
-        if not self.augment:
-            return self.normalise(self.images[idx]), labels
         size, pad = self.images.shape[1], self.pad
         dy, dx, flip = crop_flip_params(self.seed, epoch, batch_index, self.rank, idx.numel(), pad)
         dy, dx, flip = (t.to(self.device, non_blocking=True) for t in (dy, dx, flip))
@@ -72,7 +69,7 @@ class OnDeviceTrainLoader(ResumableState):
         valid = (((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :])
         pixels = self.images[idx[:, None, None], rows.clamp(0, size - 1)[:, :, None],
                              cols.clamp(0, size - 1)[:, None, :]]     # [B,S,S,3] uint8
-        return self.normalise(pixels, valid[..., None]), labels
+        return self.normalise(pixels, valid[..., None]), self.labels[idx]
 
     def __iter__(self):
         epoch = self.epoch
