@@ -173,6 +173,17 @@ def test_state_dict_semantics_and_mismatch(cifar_dir):
     assert other.epoch == 1
 
 
+def test_resume_takes_the_checkpoints_seed(cifar_dir):
+    mk = lambda seed: build_data("cifar10", data_dir=cifar_dir, batch_size=8, device="cpu", seed=seed).train  # noqa
+    reference = _run(mk(1))
+    other = mk(2)
+    _run(other, 1)  # draws seed 2's order of epoch 0
+    other.load_state_dict(mk(1).state_dict())
+    assert other.seed == 1
+    for (x1, y1), (x2, y2) in zip(_run(other), reference):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 def test_disjoint_shards_and_val_counts(cifar_dir):
     world = 3
     shards, val_labels = [], []

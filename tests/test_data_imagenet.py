@@ -18,6 +18,8 @@ CLASSES = ["n01", "n02", "n03"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 3
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 LOADERS = ["torchvision", pytest.param("dali", marks=needs_dali)]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 
 
 def _jpeg(path, rs, label):
@@ -177,6 +179,18 @@ def test_determinism_and_exact_resume(tree, loader):
     for a, b in zip(head + tail, reference):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert len(head + tail) == len(reference)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_resume_takes_the_checkpoints_seed(tree, loader):
+    reference = _collect(_build(tree, loader, seed=3).train, 3)
+    other = _build(tree, loader, seed=4).train
+    _collect(other, 1)  # its own first epoch started under seed 4
+    state = _build(tree, loader, seed=3).train.state_dict()
+    other.load_state_dict({**state, "epoch": 0, "position": 0})
+    assert other.seed == 3 and other.plan.seed == 3
+    for a, b in zip(_collect(other, 3), reference):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize("loader", LOADERS)

@@ -12,12 +12,10 @@ per-channel mean/std, given in DataBundle.mean/std on the 0..255 pixel scale.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .common import DataError, check_common_args
+from .common import DataBundle, DataError, check_common_args
 
 __all__ = ["build_data", "DataBundle", "DataError", "DATASETS", "loader_throughput"]
 
@@ -41,21 +39,6 @@ DATASETS = {
 
 LOADERS = ("auto", "dali", "torchvision")
 AUGS = ("inception", "scale")
-
-
-@dataclass
-class DataBundle:
-    train: Any            # TrainLoader: len, iter, epoch, position, state_dict, load_state_dict
-    val: Any              # ValLoader: this rank's disjoint shard of the validation set, in order
-    num_classes: int
-    image_size: int       # training crop side (validation uses val_crop for imagenet)
-    train_size: int       # images in the whole training set (all ranks)
-    val_size: int         # images in the whole validation set (all ranks)
-    mean: tuple           # per-channel, 0..255 scale
-    std: tuple            # per-channel, 0..255 scale
-    name: str
-    loader: str = "device"  # "device" (CIFAR/shapes10 on the device), "dali", "torchvision", "synthetic"
-    notes: list = field(default_factory=list)  # e.g. files skipped as unreadable
 
 
 def _subset(n_default, n, what, dataset):
@@ -94,13 +77,13 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
     common = dict(rank=rank, world_size=world_size, dtype=dtype)
 
     if synthetic:
-        from .synthetic import SyntheticTrainLoader, SyntheticValLoader
+        from .synthetic import SyntheticTrainLoader, synthetic_val_loader
         size = info.image_size
         train = SyntheticTrainLoader(num_classes=info.num_classes, image_size=size, train_size=n_train,
                                      batch_size=batch_size, device=device, seed=seed, **common)
         vsize = val_crop if dataset == "imagenet" else size
-        val = SyntheticValLoader(num_classes=info.num_classes, image_size=vsize, val_size=n_val,
-                                 batch_size=val_batch_size, device=device, seed=seed, **common)
+        val = synthetic_val_loader(num_classes=info.num_classes, image_size=vsize, val_size=n_val,
+                                   batch_size=val_batch_size, device=device, seed=seed, **common)
         return DataBundle(train, val, info.num_classes, size, n_train, n_val, (0.0,) * 3, (1.0,) * 3,
                           dataset, loader="synthetic")
 
@@ -109,9 +92,9 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
         return build_imagenet(data_dir=data_dir, batch_size=batch_size, device=device, seed=seed,
                               loader=loader, aug=aug, val_crop=val_crop, workers=workers,
                               val_batch_size=val_batch_size, train_size=train_size, val_size=val_size,
-                              download=download, **common)
+                              download=download, image_size=info.image_size, **common)
 
-    from .ondevice import OnDeviceTrainLoader, OnDeviceValLoader
+    from .ondevice import OnDeviceTrainLoader, on_device_val_loader
     if dataset == "shapes10":
         from . import shapes10
         tx, ty, vx, vy = shapes10.load_shapes10(n_train, n_val)
@@ -125,7 +108,7 @@ def build_data(dataset, *, data_dir=None, batch_size, device, rank=0, world_size
         mean, std = cifar.CIFAR_STATS[dataset]
     tx, ty, vx, vy = (t.contiguous().to(device) for t in (tx, ty, vx, vy))
     train = OnDeviceTrainLoader(tx, ty, mean=mean, std=std, batch_size=batch_size, seed=seed, **common)
-    val = OnDeviceValLoader(vx, vy, mean=mean, std=std, batch_size=val_batch_size, **common)
+    val = on_device_val_loader(vx, vy, mean=mean, std=std, batch_size=val_batch_size, **common)
     return DataBundle(train, val, info.num_classes, info.image_size, n_train, n_val, mean, std, dataset)
 
 

@@ -13,7 +13,6 @@ import pickle
 import tarfile
 
 import numpy as np
-import torch
 
 from .common import DataError
 
@@ -115,7 +114,3 @@ def load_cifar(dataset: str, data_dir: str | None, download: bool = False):
                             f"is this the other CIFAR? download it again")
     return train_x, train_y, val_x, val_y
 
-
-def to_device(images: np.ndarray, labels: np.ndarray, device):
-    return (torch.from_numpy(np.ascontiguousarray(images)).to(device),
-            torch.from_numpy(labels).to(device))

@@ -1,4 +1,5 @@
-"""Pieces every loader shares: the error type, seed mixing, the per-epoch permutation and its shards.
+"""Pieces every loader shares: the error type, seed mixing, the per-epoch permutation and its shards,
+the training batch count, normalisation, the resumable train-loader state and the validation loader.
 
 Determinism model (all loaders): the order of an epoch is a permutation drawn from a generator seeded
 by mix_seed(seed, epoch), identical on every rank; rank r takes every world_size-th element of it
@@ -7,6 +8,9 @@ permutation. Every augmentation choice of batch b on rank r comes from a generat
 mix_seed(seed, epoch, b, rank). Nothing else is random, so (epoch, position) is the whole loader state.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,6 +65,90 @@ def val_shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def val_batch_ranges(n: int, rank: int, world_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each validation batch of this rank, in order; only the last one may be short, so
+    the counts over all ranks add up to n exactly."""
+    start, stop = val_shard_range(n, rank, world_size)
+    return [(lo, min(lo + batch_size, stop)) for lo in range(start, stop, batch_size)]
+
+
+def train_batch_count(n: int, world_size: int, batch_size: int, what: str = "training images") -> int:
+    """Full batches per rank and epoch (every rank takes the same count; the tail sits the epoch out),
+    or a DataError when not even one batch fills."""
+    count = (n // world_size) // batch_size
+    if count == 0:
+        raise DataError(f"{n} {what} over {world_size} rank(s) do not fill one batch of {batch_size}; "
+                        f"lower --batch-size")
+    return count
+
+
+class EpochShards:
+    """This rank's shard of an epoch's permutation, kept for the epoch last asked for: a loader asks
+    once per batch, and the permutation of a large set costs more than a batch to draw."""
+
+    def __init__(self, n: int, rank: int, world_size: int, device="cpu"):
+        self.n, self.rank, self.world_size, self.device = n, rank, world_size, device
+        self._key, self._shard = None, None
+
+    def __call__(self, seed: int, epoch: int) -> torch.Tensor:
+        # Keyed on the seed too: load_state_dict may replace it with the checkpoint's.
+        if self._key != (seed, epoch):
+            perm = epoch_permutation(self.n, seed, epoch)
+            self._shard = rank_shard(perm, self.rank, self.world_size).to(self.device)
+            self._key = (seed, epoch)
+        return self._shard
+
+
+class Normaliser:
+    """uint8 NHWC pixels (host or device) -> (pixels - mean) / std as [B,3,H,W] channels-last `dtype`
+    on `device`. The arithmetic is fp32 whatever the output dtype, so bf16 batches lose nothing extra."""
+
+    def __init__(self, mean, std, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)
+
+    def __call__(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = (pixels.to(self.device, non_blocking=True).float() - self.mean) * self.inv_std
+        if mask is not None:
+            x = x * mask  # zero after normalisation: the data set's mean colour (padding)
+        return x.to(self.dtype).permute(0, 3, 1, 2)
+
+
+class ValLoader:
+    """This rank's contiguous, disjoint slice of the validation set, in order, the same on every pass
+    (no state to save or resume). `batch_ranges` are val_batch_ranges(); `batches()` yields the
+    (images, labels) of those ranges in order: slices of a tensor, or a decoding pipeline's output.
+    `skipped` lists files dropped at decode time (ImageNet)."""
+
+    def __init__(self, batch_ranges, batches, skipped=None):
+        self.batch_ranges, self._batches = batch_ranges, batches
+        self.skipped = [] if skipped is None else skipped
+
+    def __len__(self):
+        return len(self.batch_ranges)
+
+    def __iter__(self):
+        return iter(self._batches())
+
+
+@dataclass
+class DataBundle:
+    """What build_data returns: the two loaders and what a trainer needs to know about the data set."""
+
+    train: Any            # TrainLoader: len, iter, epoch, position, state_dict, load_state_dict
+    val: Any              # ValLoader: this rank's disjoint shard of the validation set, in order
+    num_classes: int
+    image_size: int       # training crop side (validation uses val_crop for imagenet)
+    train_size: int       # images in the whole training set (all ranks)
+    val_size: int         # images in the whole validation set (all ranks)
+    mean: tuple           # per-channel, 0..255 scale
+    std: tuple            # per-channel, 0..255 scale
+    name: str
+    loader: str = "device"  # "device" (CIFAR/shapes10 on the device), "dali", "torchvision", "synthetic"
+    notes: list = field(default_factory=list)  # e.g. files skipped as unreadable
 
 
 def check_common_args(batch_size, rank, world_size, dtype):

@@ -1,6 +1,6 @@
 """The DALI ImageNet loader: one pipeline per rank, fed the batch plan through an external source.
 
-Pipeline: encoded bytes + window + flip (external source, from imagenet.BatchPlan)
+Pipeline: encoded bytes + window + flip (external source, from imagenet_common.BatchPlan)
   -> fn.decoders.image_slice (ROI decode of the window; "mixed" = nvJPEG on the GPU, "cpu" without one)
   -> fn.resize to out x out (linear, antialiased)
   -> fn.crop_mirror_normalize (mirror, per-channel mean/std, fp16 or fp32, HWC)
@@ -12,6 +12,11 @@ of `workers` threads, one batch ahead. Output: [B,3,S,S] channels-last torch ten
 The pipeline is rebuilt at the start of every epoch, on resume, and after a decode failure; DALI's own
 reader, shuffling and random operators are not used, so nothing about the order or the crops lives in
 DALI (see imagenet.py for what is exact).
+
+DALI reports a failed batch without naming the file ("nvImageCodec failure"/"jpeg_parser" errors), so
+the loader decodes that batch's files on the CPU (imagenet_decode.decode_window, as the torchvision
+loader does) to find it, then rebuilds the pipeline from that batch without it. If the CPU decoder
+reads every suspect, the loader stops with a DataError listing them.
 """
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .common import DataError, ResumableState
-from . import imagefolder
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, _note_skips, decode_pil
+from .common import DataError
+from .imagefolder import UnreadableImage
+from .imagenet_common import IMAGENET_MEAN, IMAGENET_STD, PlanLoader
+from .imagenet_decode import decode_window
 
 _PREFETCH = 2  # DALI's prefetch queue depth: batches fed ahead of the one being returned
 
@@ -95,22 +101,16 @@ def _to_torch(tensor_list, device, dtype):
     return torch.from_numpy(np.array(tensor_list.as_tensor())).to(device, non_blocking=True)
 
 
-class DaliLoader(ResumableState):
-    """Train or validation loader over a BatchPlan (imagenet.py), decoding with DALI."""
+class DaliLoader(PlanLoader):
+    """Train or validation loader over a BatchPlan (imagenet_common.py), decoding with DALI."""
 
     def __init__(self, plan, *, device, dtype, workers):
-        self.plan, self.device, self.dtype = plan, device, dtype
-        self.batch_size, self.world_size, self.seed = plan.batch_size, plan.world_size, plan.seed
+        super().__init__(plan, device=device, dtype=dtype, workers=workers)
         self.on_gpu = device.type == "cuda"
         self.device_index = (device.index if device.index is not None else torch.cuda.current_device()
                              ) if self.on_gpu else None
         self.threads = max(1, min(workers, os.cpu_count() or 1))
         self.pool = ThreadPoolExecutor(max(1, workers))
-        self.epoch, self.position = 0, 0
-        self.skipped = []
-
-    def __len__(self):
-        return self.plan.num_batches
 
     def _run_from(self, epoch, start):
         """Yield (batch_index, images, labels) from batch `start` to the end of `epoch`, recovering
@@ -142,23 +142,13 @@ class DaliLoader(ResumableState):
         bad = []
         for path, _, window, flip in suspects:
             try:
-                decode_pil(path, window, flip, 8)
-            except imagefolder.UnreadableImage as why:
+                decode_window(path, window, flip, 8)
+            except UnreadableImage as why:
                 bad.append((path, str(why)))
         if not bad:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             names = ", ".join(p for p, *_ in suspects[:8]) + (" ..." if len(suspects) > 8 else "")
-            raise DataError(f"DALI failed on a batch that PIL decodes ({first}); suspects: {names}; "
-                            f"try --loader torchvision") from None
-        _note_skips(self.plan, bad, self.skipped)
+            raise DataError(f"DALI failed on a batch that torchvision/PIL decode ({first}); suspects: "
+                            f"{names}; try --loader torchvision") from None
+        self.note_undecodable(bad)
         return failed_batch
-
-    def __iter__(self):
-        if not self.plan.train:
-            for _, images, labels in self._run_from(0, 0):
-                yield images, labels
-            return
-        epoch = self.epoch
-        for batch_index, images, labels in self._run_from(epoch, self.position):
-            self._advance(batch_index)
-            yield images, labels

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import DataError, ResumableState, epoch_permutation, generator, rank_shard, val_shard_range
+from .common import (DataError, EpochShards, Normaliser, ResumableState, ValLoader, generator,
+                     train_batch_count, val_batch_ranges)
 
 
 def crop_flip_params(seed: int, epoch: int, batch_index: int, rank: int, batch: int, pad: int):
@@ -25,14 +26,6 @@ def crop_flip_params(seed: int, epoch: int, batch_index: int, rank: int, batch: 
     return offsets[:, 0], offsets[:, 1], flips
 
 
-def _normalise(pixels: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, dtype, mask=None):
-    # pixels [B,H,W,3] uint8 -> [B,3,H,W] channels-last in dtype; the arithmetic is fp32.
-    x = (pixels.float() - mean) * inv_std
-    if mask is not None:
-        x = x * mask
-    return x.to(dtype).permute(0, 3, 1, 2)
-
-
 class OnDeviceTrainLoader(ResumableState):
     """Training batches from a uint8 NHWC image tensor already on the device.
 
@@ -41,46 +34,30 @@ class OnDeviceTrainLoader(ResumableState):
     """
 
     def __init__(self, images, labels, *, mean, std, batch_size, rank=0, world_size=1, seed=0,
-                 dtype=torch.float32, pad=4, augment=True):
+                 dtype=torch.float32, pad=4):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise DataError(f"expected uint8 images [N,H,W,3], got {tuple(images.shape)} {images.dtype}")
         self.images, self.labels = images, labels
         self.device = images.device
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.normalise = Normaliser(mean, std, self.device, dtype)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.dtype, self.pad, self.augment = int(seed), dtype, pad, augment
+        self.seed, self.dtype, self.pad = int(seed), dtype, pad
         self.epoch, self.position = 0, 0
-        self._num_batches = (images.shape[0] // world_size) // batch_size
-        if self._num_batches == 0:
-            raise DataError(
-                f"{images.shape[0]} training images over {world_size} rank(s) do not fill one batch of "
-                f"{batch_size}; lower --batch-size")
-        self._shard_epoch, self._shard = None, None
-        size = images.shape[1]
-        self._arange = torch.arange(size, device=self.device)
+        self._num_batches = train_batch_count(images.shape[0], world_size, batch_size)
+        self._shards = EpochShards(images.shape[0], rank, world_size, self.device)
+        self._arange = torch.arange(images.shape[1], device=self.device)
 
     def __len__(self):
         return self._num_batches
 
-    def _epoch_shard(self, epoch):
-        if self._shard_epoch != epoch:
-            perm = epoch_permutation(self.images.shape[0], self.seed, epoch)
-            self._shard = rank_shard(perm, self.rank, self.world_size).to(self.device)
-            self._shard_epoch = epoch
-        return self._shard
-
     def batch_indices(self, epoch: int, batch_index: int) -> torch.Tensor:
         """Indices into the training set of batch `batch_index` of `epoch` on this rank."""
         b = self.batch_size
-        return self._epoch_shard(epoch)[batch_index * b:(batch_index + 1) * b]
+        return self._shards(self.seed, epoch)[batch_index * b:(batch_index + 1) * b]
 
     def make_batch(self, epoch: int, batch_index: int):
         """Batch `batch_index` of `epoch` on this rank, without touching the loader's position."""
         idx = self.batch_indices(epoch, batch_index)
-        labels = self.labels[idx]
-        if not self.augment:
-            return _normalise(self.images[idx], self.mean, self.inv_std, self.dtype), labels
         size, pad = self.images.shape[1], self.pad
         dy, dx, flip = crop_flip_params(self.seed, epoch, batch_index, self.rank, idx.numel(), pad)
         dy, dx, flip = (t.to(self.device, non_blocking=True) for t in (dy, dx, flip))
@@ -92,7 +69,7 @@ class OnDeviceTrainLoader(ResumableState):
         valid = (((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :])
         pixels = self.images[idx[:, None, None], rows.clamp(0, size - 1)[:, :, None],
                              cols.clamp(0, size - 1)[:, None, :]]     # [B,S,S,3] uint8
-        return _normalise(pixels, self.mean, self.inv_std, self.dtype, valid[..., None]), labels
+        return self.normalise(pixels, valid[..., None]), self.labels[idx]
 
     def __iter__(self):
         epoch = self.epoch
@@ -102,26 +79,9 @@ class OnDeviceTrainLoader(ResumableState):
             yield batch
 
 
-class OnDeviceValLoader:
+def on_device_val_loader(images, labels, *, mean, std, batch_size, rank=0, world_size=1,
+                         dtype=torch.float32) -> ValLoader:
     """This rank's contiguous, disjoint slice of the validation set, in order, normalised, no padding."""
-
-    def __init__(self, images, labels, *, mean, std, batch_size, rank=0, world_size=1,
-                 dtype=torch.float32):
-        self.start, self.stop = val_shard_range(images.shape[0], rank, world_size)
-        self.images, self.labels = images, labels
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device)
-        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=images.device)
-        self.batch_size, self.dtype = batch_size, dtype
-
-    def __len__(self):
-        return -(-(self.stop - self.start) // self.batch_size)
-
-    @property
-    def num_images(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        for lo in range(self.start, self.stop, self.batch_size):
-            hi = min(lo + self.batch_size, self.stop)
-            yield (_normalise(self.images[lo:hi], self.mean, self.inv_std, self.dtype),
-                   self.labels[lo:hi])
+    normalise = Normaliser(mean, std, images.device, dtype)
+    ranges = val_batch_ranges(images.shape[0], rank, world_size, batch_size)
+    return ValLoader(ranges, lambda: ((normalise(images[lo:hi]), labels[lo:hi]) for lo, hi in ranges))

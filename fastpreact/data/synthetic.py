@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import DataError, ResumableState, generator, val_shard_range
+from .common import ResumableState, ValLoader, generator, train_batch_count, val_batch_ranges
 
 
 def _random_batch(batch, num_classes, image_size, device, dtype, seed, rank):
@@ -22,10 +22,7 @@ class SyntheticTrainLoader(ResumableState):
                  world_size=1, seed=0, dtype=torch.float32):
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
         self.epoch, self.position = 0, 0
-        self._num_batches = (train_size // world_size) // batch_size
-        if self._num_batches == 0:
-            raise DataError(f"{train_size} synthetic images over {world_size} rank(s) do not fill one "
-                            f"batch of {batch_size}; lower --batch-size")
+        self._num_batches = train_batch_count(train_size, world_size, batch_size, "synthetic images")
         self.images, self.labels = _random_batch(batch_size, num_classes, image_size, device, dtype,
                                                  seed, rank)
 
@@ -38,18 +35,9 @@ class SyntheticTrainLoader(ResumableState):
             yield self.images, self.labels
 
 
-class SyntheticValLoader:
-    def __init__(self, *, num_classes, image_size, val_size, batch_size, device, rank=0, world_size=1,
-                 seed=0, dtype=torch.float32):
-        start, stop = val_shard_range(val_size, rank, world_size)
-        self.num_images, self.batch_size = stop - start, batch_size
-        self.images, self.labels = _random_batch(batch_size, num_classes, image_size, device, dtype,
-                                                 seed + 1, rank)
-
-    def __len__(self):
-        return -(-self.num_images // self.batch_size)
-
-    def __iter__(self):
-        for lo in range(0, self.num_images, self.batch_size):
-            n = min(self.batch_size, self.num_images - lo)
-            yield self.images[:n], self.labels[:n]
+def synthetic_val_loader(*, num_classes, image_size, val_size, batch_size, device, rank=0, world_size=1,
+                         seed=0, dtype=torch.float32) -> ValLoader:
+    """The real validation counts per rank, every batch a prefix of one random batch."""
+    images, labels = _random_batch(batch_size, num_classes, image_size, device, dtype, seed + 1, rank)
+    ranges = val_batch_ranges(val_size, rank, world_size, batch_size)
+    return ValLoader(ranges, lambda: ((images[:hi - lo], labels[:hi - lo]) for lo, hi in ranges))
