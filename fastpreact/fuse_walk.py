@@ -1,4 +1,4 @@
-"""The walk of fastpreact.fuse: bottom-up over the module tree, each module once, each by its path.
+"""The walk of fastpreact.fuse: bottom-up over the module tree (children first), each module once.
 
 A module whose subtree holds a candidate BN and a candidate 1x1 conv not yet fused is fused
   - as a FusedSequential when it is an nn.Sequential with a window of consecutive children,

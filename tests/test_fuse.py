@@ -456,6 +456,20 @@ def test_graph_module_deepcopy_pickle():
         torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_pickle_loaded_unfused_with_warning_when_it_cannot_be_traced_again():
+    from fastpreact import fuse_fx
+    model = ToyModel()
+    buffer = io.BytesIO()
+    torch.save(fuse(model), buffer)
+    buffer.seek(0)
+    with mock.patch.object(fuse_fx, "_trace", side_effect=RuntimeError("no tracing here")), \
+            pytest.warns(UserWarning, match=r"loaded ToyModel unfused: torch.fx cannot trace its forward"):
+        loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is ToyModel and not fused_chains(loaded)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
 def test_fastpreact_stock_model_fused():
     from fastpreact.models import create_model
     model = create_model("resnet11", 10)
