@@ -3,8 +3,8 @@
 Which backend runs (stated per test):
   - "interpreter": the Triton kernels through TRITON_INTERPRET=1 (set by conftest.py on a CPU machine).
     Used for the small nets (the same block classes as the big ones: timm's PreActBottleneck and
-    torchvision's Bottleneck) and the toy models, judged in float32 with a relative oracle (fp32 error
-    judged against PyTorch's own fp32 error):
+    torchvision's Bottleneck) and the toy models, judged in float32 with a relative oracle (the fused
+    error may be at most twice PyTorch's own fp32 error, plus a small atol):
     |fused - ref64| <= 2 |unfused32 - ref64| + atol, ref64 being a float64 copy of the unfused model.
   - "torch": the op's PyTorch fallback (TRITON_INTERPRET=0 for the test; the interpreter would take
     minutes on resnet50). Used for torchvision resnet50 and timm resnetv2_50.
