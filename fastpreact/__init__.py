@@ -18,12 +18,15 @@ if _importlib_util.find_spec(__name__ + ".kernels") is None:
 
 from . import functional, reference  # noqa: F401
 from .modules import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
+# The function fuse shadows its module fastpreact/fuse.py (light: it imports its machinery on first
+# call). Imported here, the module is in sys.modules before any `from fastpreact.fuse import ...`, so
+# that import never rebinds fastpreact.fuse to the module.
+from .fuse import fuse, fused_chains  # noqa: F401,E402
 
 
 def __getattr__(name):
-    # fuse and models import lazily so `import fastpreact` stays light (no torchvision/fx at import).
-    if name in ("fuse", "models"):
-        # fastpreact.fuse is the module fastpreact/fuse.py, which is itself callable: fastpreact.fuse(model).
+    # models imports lazily so `import fastpreact` stays light.
+    if name == "models":
         import importlib
         return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fastpreact' has no attribute {name!r}")

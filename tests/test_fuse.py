@@ -3,7 +3,8 @@
 Which backend runs (stated per test):
   - "interpreter": the Triton kernels through TRITON_INTERPRET=1 (set by conftest.py on a CPU machine).
     Used for the small nets (the same block classes as the big ones: timm's PreActBottleneck and
-    torchvision's Bottleneck) and the toy models, judged in float32 with the relative oracle of STYLE.md:
+    torchvision's Bottleneck) and the toy models, judged in float32 with a relative oracle (the fused
+    error may be at most twice PyTorch's own fp32 error, plus a small atol):
     |fused - ref64| <= 2 |unfused32 - ref64| + atol, ref64 being a float64 copy of the unfused model.
   - "torch": the op's PyTorch fallback (TRITON_INTERPRET=0 for the test; the interpreter would take
     minutes on resnet50). Used for torchvision resnet50 and timm resnetv2_50.
@@ -19,6 +20,8 @@ import copy
 import io
 import logging
 import os
+import subprocess
+import sys
 import warnings
 from unittest import mock
 
@@ -29,7 +32,8 @@ from torch import nn
 
 import fastpreact
 from fastpreact import functional as Fp
-from fastpreact.fuse import FusedSequential, fuse, fused_chains
+from fastpreact.fuse import fuse, fused_chains
+from fastpreact.fuse_sequential import FusedSequential
 
 BN_RELU = "BatchNorm2d -> ReLU -> Conv1x1"
 BN_RELU_DUAL = "BatchNorm2d -> ReLU -> 2x Conv1x1 (shared pre-activation)"
@@ -65,7 +69,7 @@ def step(model, x, head_weight, train):
 
 
 def assert_relative(fused, unfused, ref64, what, atol_rel=1e-5, elementwise=True):
-    """STYLE.md's oracle: |fused - ref64| <= 2 |unfused32 - ref64| + atol (atol relative to max|ref64|),
+    """The relative oracle: |fused - ref64| <= 2 |unfused32 - ref64| + atol (atol relative to max|ref64|),
     elementwise, or with elementwise=False on the per-tensor maxima of the errors."""
     assert fused.shape == unfused.shape == ref64.shape, what
     ref = ref64.double()
@@ -396,6 +400,29 @@ def test_batchnorm_variants_momentum_none_untracked_not_affine():
     assert int(fused[0].num_batches_tracked) == 3
 
 
+class SamePadding(nn.Module):
+    """1x1 convs with padding="same" (which is no padding on a 1x1 kernel), in a traced forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, padding="same", bias=False)
+        self.conv3x3 = nn.Conv2d(8, 8, 3, padding="same", bias=False)  # not 1x1: not fused
+
+    def forward(self, x):
+        return self.conv3x3(self.conv(F.relu(self.bn(x)))) + x
+
+
+def test_padding_same_1x1_is_fused():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1, padding="same", bias=False),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding="same", bias=False))
+    fused = compare_three(seq, torch.randn(4, 8, 5, 5), torch.randn(4, 4, 5, 5))
+    assert type(fused) is FusedSequential and dict(fused_chains(fused)) == {BN_RELU: 1}
+    fused = compare_three(SamePadding(), torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5))
+    assert dict(fused_chains(fused)) == {BN_RELU: 1}
+    assert op_calls(fused, torch.randn(2, 8, 5, 5))[1] == {"bn_relu_conv1x1": 1}
+
+
 def test_autocast_like_the_original(torch_backend):
     torch.manual_seed(0)
     model = ToyModel()
@@ -429,6 +456,20 @@ def test_graph_module_deepcopy_pickle():
         torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_pickle_loaded_unfused_with_warning_when_it_cannot_be_traced_again():
+    from fastpreact import fuse_fx
+    model = ToyModel()
+    buffer = io.BytesIO()
+    torch.save(fuse(model), buffer)
+    buffer.seek(0)
+    with mock.patch.object(fuse_fx, "_trace", side_effect=RuntimeError("no tracing here")), \
+            pytest.warns(UserWarning, match=r"loaded ToyModel unfused: torch.fx cannot trace its forward"):
+        loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is ToyModel and not fused_chains(loaded)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
 def test_fastpreact_stock_model_fused():
     from fastpreact.models import create_model
     model = create_model("resnet11", 10)
@@ -442,6 +483,66 @@ def test_bad_input():
     with pytest.raises(TypeError, match="expected an nn.Module"):
         fuse(nn.Linear(2, 2).state_dict())
     assert callable(fastpreact.fuse) and fused_chains(fastpreact.fuse(nn.Linear(2, 2))) == {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# fastpreact's own classes, and how fastpreact.fuse is imported
+# ----------------------------------------------------------------------------------------------------
+def test_fastpreact_classes_fuse_knows_are_the_exported_ones():
+    # fuse imports the classes it recognises: each is the class its package exports under its name, and
+    # every fused module the packages export (the drop-in modules, fastpreact.nn, models' Fused* units)
+    # is one fuse leaves alone.
+    import fastpreact.models
+    import fastpreact.nn
+    from fastpreact.fuse_chain import RUNS_FUSED_OP, bn_kind
+    packages = (fastpreact, fastpreact.nn, fastpreact.models)
+    for cls in RUNS_FUSED_OP:
+        assert any(getattr(p, cls.__name__, None) is cls for p in packages), cls
+    exported = {fastpreact.BNReLUConv1x1, fastpreact.BNReLUConv1x1Dual}
+    exported |= {c for c in vars(fastpreact.nn).values() if isinstance(c, type) and issubclass(c, nn.Module)}
+    exported |= {c for name, c in vars(fastpreact.models).items()
+                 if name.startswith("Fused") and isinstance(c, type) and issubclass(c, nn.Module)}
+    assert exported == set(RUNS_FUSED_OP)
+    assert bn_kind(fastpreact.models.BatchNormReLU2d(4)) == "bnact"
+    assert bn_kind(fastpreact.models.BatchNormReLU2d(4, apply_act=False)) is None
+    timm = pytest.importorskip("timm")
+    assert bn_kind(timm.layers.BatchNormAct2d(4)) == "bnact"
+    assert bn_kind(timm.layers.BatchNormAct2d(4, act_layer=nn.GELU)) is None
+
+
+def test_fastpreact_fused_model_left_alone():
+    from fastpreact.models import create_model
+    model = create_model("resnet11", 10, kernels="fused")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fused = fuse(model)
+    assert not [str(w.message) for w in seen if "fastpreact" in str(w.message)]
+    assert not fused_chains(fused)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("first", ["import fastpreact", "from fastpreact.fuse import fused_chains"])
+def test_fastpreact_fuse_is_the_function_whatever_is_imported_first(first):
+    # A fresh interpreter: fastpreact.fuse(model) works after either import, `from fastpreact.fuse
+    # import fused_chains` works, and `import fastpreact` loads neither fuse's machinery nor the
+    # optional packages.
+    code = f"""
+import sys
+{first}
+import fastpreact
+heavy = [m for m in sys.modules if m.split(".")[0] in ("timm", "torchvision", "triton")
+         or m in ("fastpreact.fuse_walk", "fastpreact.fuse_fx", "fastpreact.fuse_chain")]
+assert not heavy, heavy
+from fastpreact.fuse import fused_chains
+from torch import nn
+model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+assert fused_chains(fastpreact.fuse(model)) == fastpreact.fused_chains(fastpreact.fuse(model, inplace=True))
+assert sum(fused_chains(model).values()) == 1
+import fastpreact.fuse
+assert callable(fastpreact.fuse)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_interpreter_backend_in_use():
