@@ -1,0 +1,254 @@
+"""The trainer's options: the command-line parser, the paper's recipes, and resolve_config, which fills in
+every option the user left out from the recipe and the device.
+
+Every option defaults to None in the parser: the real default depends on the data set, the device or the
+recipe, and None also tells which options the user gave (those are kept on --resume).
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .data import DATASETS
+
+# The paper's recipes. The 32x32 sets (CIFAR, shapes10) count in iterations, ImageNet in epochs. lr is
+# for the recipe's batch and scales linearly with --batch-size; --iters/--epochs stretch the milestones
+# and the warm-up by the same factor as the length.
+RECIPES = {
+    # resnet-1k-layers: batch 128, lr 0.1 (0.01 for the first 400 iterations, until training error is
+    # below 80%), /10 at 32k and 48k, stop at 64k.
+    "cifar": dict(arch="resnet164", batch_size=128, lr=0.1, warmup_iters=400, milestones=(32000, 48000),
+                  iters=64000, eval_every=4000),
+    # fb.resnet.torch: batch 256 (32 per GPU on 8 GPUs), lr 0.1, /10 at epochs 30 and 60, 90 epochs.
+    "imagenet": dict(arch="resnet200", batch_size=256, lr=0.1, warmup_epochs=0, milestone_epochs=(30, 60),
+                     epochs=90),
+}
+WARMUP_FACTOR = 0.1     # the warm-up lr is lr/10 (0.01 against 0.1 in the paper)
+MOMENTUM = 0.9          # the paper's SGD
+WEIGHT_DECAY = 1e-4     # the paper's SGD, applied to every parameter unless --no-bn-wd
+CKPT_EVERY = 1000       # iterations; plus every epoch end. A CIFAR epoch at batch 128 is 390 iterations
+LOG_EVERY = 20          # iterations between metrics.jsonl records (each costs one device sync)
+# Options that describe this process, not the run: never taken over from a checkpoint on resume.
+RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers")
+
+
+class UsageError(Exception):
+    """A bad input the user can fix: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise UsageError(f"{message} (see python -m fastpreact.train --help)")
+
+
+def build_parser(description=None):
+    """The command line of `python -m fastpreact.train`, one function per option group."""
+    p = _Parser(prog="python -m fastpreact.train", description=description,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", metavar="DATASET", help=f"one of {', '.join(DATASETS)}")
+    for add_options in (_model_options, _data_options, _recipe_options, _device_options, _run_file_options):
+        add_options(p)
+    return p
+
+
+def _model_options(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help="resnetN (default resnet164 for the 32x32 sets, resnet200 for imagenet)")
+    g.add_argument("--unit", choices=("preact", "original"), help="residual unit (default preact)")
+    g.add_argument("--kernels", choices=("fused", "stock"), help="default fused on CUDA, stock on a CPU")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="capture forward+backward in a CUDA graph (one GPU; for the deep CIFAR nets)")
+
+
+def _data_options(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/, cifar-100-python/ or train/ val/")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR if missing")
+    g.add_argument("--loader", choices=("auto", "dali", "torchvision"), help="imagenet loader (default auto)")
+    g.add_argument("--aug", choices=("inception", "scale"), help="imagenet augmentation (default inception)")
+    g.add_argument("--val-crop", type=int, choices=(224, 320), help="imagenet validation crop (default 224)")
+    g.add_argument("--workers", type=int, help="loader worker threads per rank (default 4)")
+    g.add_argument("--synthetic", action="store_true", default=None, help="random batches on the device")
+    g.add_argument("--train-size", type=int, help="use this many training images (subset; quick runs)")
+    g.add_argument("--val-size", type=int, help="use this many validation images")
+
+
+def _recipe_options(p):
+    g = p.add_argument_group("recipe (defaults: the paper's)")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch (128 CIFAR, 256 imagenet); scales the lr")
+    g.add_argument("--iters", type=int, help="training length in iterations (rescales milestones, warm-up)")
+    g.add_argument("--epochs", type=float, help="training length in epochs (rescales milestones, warm-up)")
+    g.add_argument("--lr", type=float, help="peak lr (default 0.1 x batch / recipe batch)")
+    g.add_argument("--warmup-iters", type=int, help="iterations at lr/10 first (default 400 CIFAR, 0 imagenet)")
+    g.add_argument("--schedule", choices=("step", "cosine"), help="step: /10 at the milestones (default)")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {MOMENTUM})")
+    g.add_argument("--wd", type=float, help=f"weight decay (default {WEIGHT_DECAY})")
+    g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    g.add_argument("--no-bn-wd", action="store_true", default=None, help="no weight decay on BN and biases")
+    g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
+
+
+def _device_options(p):
+    g = p.add_argument_group("device, precision, distribution")
+    g.add_argument("--device", choices=("cuda", "cpu"), help="default cuda where available")
+    g.add_argument("--seed", type=int, help="every random choice of the run derives from it (default 0)")
+    g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default bf16 on GPUs that have it, off on a CPU")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on")
+    g.add_argument("--gpus", type=int, help="start this many local workers, one per GPU (DDP)")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over all ranks")
+
+
+def _run_file_options(p):
+    g = p.add_argument_group("run files and evaluation")
+    g.add_argument("--out", help="run folder (default runs/DATASET-ARCH-TIMESTAMP)")
+    g.add_argument("--resume", metavar="auto|PATH", help="auto: newest valid checkpoint in --out (or start "
+                   "fresh); PATH: a checkpoint file or a run folder")
+    g.add_argument("--ckpt-every", type=int, help=f"iterations between checkpoints (default {CKPT_EVERY})")
+    g.add_argument("--eval-every", type=int, help="iterations between evaluations (default 4000, imagenet: an epoch)")
+    g.add_argument("--log-every", type=int, help=f"iterations between metrics records (default {LOG_EVERY})")
+    g.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint or final.pt and exit")
+
+
+# ------------------------------------------------------------------------------------ resolution
+def resolve_config(opts, world_size):
+    """Fill in every option the user left out (dict of explicit options -> Namespace) from the recipe and
+    the device; raises UsageError for every inconsistent combination and for an unknown --arch."""
+    dataset = opts["dataset"]
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
+    c = argparse.Namespace(**opts)
+    for name in vars(build_parser().parse_args([dataset])):
+        if not hasattr(c, name):
+            setattr(c, name, None)
+    c.recipe = "imagenet" if dataset == "imagenet" else "cifar"
+    c.world_size = world_size
+    _resolve_device(c)
+    _resolve_recipe(c, RECIPES[c.recipe])
+    _resolve_precision(c)
+    _resolve_run_lengths(c)
+    _check_arch(c)
+    return c
+
+
+def _resolve_device(c):
+    cuda = torch.cuda.is_available()
+    c.arch = c.arch or RECIPES[c.recipe]["arch"]
+    c.unit = c.unit or "preact"
+    c.device = c.device or ("cuda" if cuda else "cpu")
+    if c.device == "cuda" and not cuda:
+        raise UsageError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if c.gpus is not None:
+        if c.gpus < 1:
+            raise UsageError(f"--gpus must be at least 1, got {c.gpus}")
+        if c.device != "cuda":
+            raise UsageError("--gpus needs CUDA GPUs and none is in use; drop --gpus (for CPU workers use "
+                             "torchrun --nproc-per-node N ... --device cpu)")
+        if c.gpus > torch.cuda.device_count():
+            raise UsageError(f"--gpus {c.gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+
+
+def _resolve_recipe(c, recipe):
+    world_size = c.world_size
+    c.batch_size = recipe["batch_size"] if c.batch_size is None else c.batch_size
+    if c.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {c.batch_size}")
+    if c.batch_size % world_size:
+        raise UsageError(f"--batch-size {c.batch_size} is not divisible by the world size {world_size} (the "
+                         f"batch is global: each worker takes batch/{world_size}); pick a multiple of {world_size}")
+    c.lr = c.lr if c.lr is not None else recipe["lr"] * c.batch_size / recipe["batch_size"]
+    c.momentum = MOMENTUM if c.momentum is None else c.momentum
+    c.wd = WEIGHT_DECAY if c.wd is None else c.wd
+    c.label_smoothing = c.label_smoothing or 0.0
+    c.schedule = c.schedule or "step"
+    c.seed = c.seed or 0
+    for flag in ("compile", "cuda_graphs", "download", "synthetic", "nesterov", "no_bn_wd", "sync_bn"):
+        setattr(c, flag, bool(getattr(c, flag)))
+    c.channels_last = True if c.channels_last is None else c.channels_last
+
+
+def _resolve_precision(c):
+    """Kernels and autocast dtype for the device, and the options that only some devices allow."""
+    c.kernels = c.kernels or ("fused" if c.device == "cuda" else "stock")
+    if c.amp is None:
+        c.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if c.device == "cuda" else "off"
+    if c.amp == "fp16" and c.device != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or --amp off")
+    if c.cuda_graphs and c.device != "cuda":
+        raise UsageError("--cuda-graphs needs a CUDA GPU; drop it on a CPU")
+    if c.cuda_graphs and c.world_size > 1:
+        raise UsageError("--cuda-graphs runs on one GPU; drop it or run without --gpus/torchrun")
+    if c.sync_bn and c.device != "cuda":
+        raise UsageError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); drop it on a CPU")
+    if c.sync_bn and c.kernels == "fused":
+        raise UsageError("--sync-bn needs --kernels stock (the fused kernels compute per-rank statistics)")
+
+
+def _resolve_run_lengths(c):
+    """Length, intervals and loader settings; the recipe's length is planned once the data is loaded."""
+    if c.iters is not None and c.epochs is not None:
+        raise UsageError("give --iters or --epochs, not both")
+    for name in ("iters", "epochs", "ckpt_every", "eval_every", "log_every", "workers"):
+        if getattr(c, name) is not None and getattr(c, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+    if c.warmup_iters is not None and c.warmup_iters < 0:
+        raise UsageError(f"--warmup-iters must be >= 0, got {c.warmup_iters}")
+    c.ckpt_every = c.ckpt_every or CKPT_EVERY
+    c.log_every = c.log_every or LOG_EVERY
+    c.workers = 4 if c.workers is None else c.workers
+    c.loader, c.aug, c.val_crop = c.loader or "auto", c.aug or "inception", c.val_crop or 224
+
+
+def _check_arch(c):
+    try:  # an unknown arch fails here, before any data is loaded (meta tensors: no memory, no init cost)
+        from .models import create_model
+        with torch.device("meta"):
+            create_model(c.arch, 10, unit=c.unit)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def default_out(cfg):
+    return str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# ------------------------------------------------------------------------------------- lr schedule
+def plan_schedule(recipe, batch_size, iters_per_epoch, iters=None, epochs=None, warmup_iters=None):
+    """(total_iters, warmup_iters, milestones) of a recipe at this batch, stretched to --iters/--epochs."""
+    r = RECIPES[recipe]
+    if recipe == "cifar":
+        ref_total, ref_warmup, ref_milestones = r["iters"], r["warmup_iters"], r["milestones"]
+    else:
+        ref_total = r["epochs"] * iters_per_epoch
+        ref_warmup = r["warmup_epochs"] * iters_per_epoch
+        ref_milestones = tuple(e * iters_per_epoch for e in r["milestone_epochs"])
+    total = iters if iters is not None else (round(epochs * iters_per_epoch) if epochs is not None else ref_total)
+    total = max(1, total)
+    scale = total / ref_total
+    warmup = round(ref_warmup * scale) if warmup_iters is None else warmup_iters
+    return total, warmup, tuple(round(m * scale) for m in ref_milestones)
+
+
+def lr_at(step, *, lr, total_iters, warmup_iters=0, milestones=(), schedule="step"):
+    """The lr of optimizer step `step` (0-based): lr/10 during the warm-up, then lr divided by 10 at
+    each milestone (step) or a cosine from lr to 0 over the remaining steps (cosine)."""
+    if step < warmup_iters:
+        return lr * WARMUP_FACTOR
+    if schedule == "cosine":
+        t = (step - warmup_iters) / max(1, total_iters - warmup_iters)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return lr * 0.1 ** sum(step >= m for m in milestones)
+
+
+def plan_run(cfg, iters_per_epoch):
+    """Complete cfg once the training loader's length is known: total_iters, warmup_iters, milestones,
+    iters_per_epoch and the default eval_every."""
+    cfg.total_iters, warmup, milestones = plan_schedule(cfg.recipe, cfg.batch_size, iters_per_epoch,
+                                                        cfg.iters, cfg.epochs, cfg.warmup_iters)
+    cfg.warmup_iters, cfg.milestones, cfg.iters_per_epoch = warmup, list(milestones), iters_per_epoch
+    if cfg.eval_every is None:  # ImageNet: after every epoch; CIFAR: every 4000 iterations
+        cfg.eval_every = iters_per_epoch if cfg.recipe == "imagenet" else RECIPES["cifar"]["eval_every"]

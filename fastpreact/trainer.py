@@ -1,0 +1,444 @@
+"""One worker's training run: setup, the training step, the loop, checkpoints and evaluation.
+
+train_worker reads as the run does: resolve the options, set up the device, decide what to resume from,
+build the run (data, model, optimizer), restore the checkpoint, open the run files, loop, finish. The
+steps share one RunState; the loop is flat, and every periodic action (log, evaluate, checkpoint) is
+one named function of the state.
+"""
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, list_checkpoints,
+                         load_checkpoint, newest_valid_checkpoint, remove_stale_tmp, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import RUNTIME_OPTIONS, UsageError, default_out, lr_at, plan_run, resolve_config
+from .distributed import destroy_process_group
+from .evaluation import evaluate
+from .runlog import RunLog
+from .runsetup import autocast_for, create_run_model, load_data, seed_everything, setup_worker
+from .train_step import make_train_step
+
+MAX_NONFINITE = 20      # a loss non-finite this many steps in a row stops the run
+
+
+@dataclass
+class RunState:
+    """Everything one worker's run holds. The bare `model` is what evaluation and checkpoints see;
+    `train_model` is what the training step calls (the model, or its DDP wrapper)."""
+    cfg: Any                  # the resolved config (config.resolve_config, completed by plan_run)
+    opts: dict                # the options given explicitly: saved in checkpoints, taken over on resume
+    device: torch.device
+    rank: int
+    world_size: int
+    out: Path
+    say: Callable[[str], None]
+    data: Any                 # DataBundle: .train (resumable), .val (this rank's shard)
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    autocast: Callable
+    step: int = 0             # optimizer steps taken
+    log: Optional[RunLog] = None      # rank 0 only
+    t_start: float = 0.0              # perf_counter when this process began training
+    last_checkpoint: Optional[Path] = None  # the newest checkpoint this process wrote (None: skipped)
+    last_checkpoint_step: int = -1
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def train_worker(opts, rank, world_size, local_rank):
+    """Train as worker `rank` of world_size; returns the exit code (0 done, 1 the loss was not finite,
+    128+N stopped by signal N)."""
+    cfg = resolve_config(opts, world_size)
+    device = setup_worker(cfg, local_rank, world_size)
+    say = announcer(rank == 0)
+    opts, cfg, out, ckpt_path, ckpt = decide_resume(opts, cfg, rank, world_size, say)
+    run = build_run(opts, cfg, device, rank, world_size, out, say)
+    if ckpt is not None:
+        restore(run, ckpt)
+        del ckpt  # the run holds its own copy of every tensor now
+    open_run_files(run, ckpt_path)
+    stop_reason, signum = train_loop(run)
+    exit_code = finish(run, stop_reason, signum)
+    dump_dir = os.environ.get("FASTPREACT_TEST_RANK_DUMP")  # test hook: each rank's final weights
+    if dump_dir:
+        torch.save(run.model.state_dict(), Path(dump_dir) / f"rank{rank}.pt")
+    if run.distributed:
+        destroy_process_group(barrier=True)
+    return exit_code
+
+
+def announcer(is_main):
+    """say(msg): a line on stderr from rank 0, printed above the progress bar."""
+    def say(msg):
+        if is_main:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stderr)
+    return say
+
+
+# ------------------------------------------------------------------------------------------ resume
+def holds_run(out):
+    return out.is_dir() and any((out / n).exists() for n in ("config.json", "metrics.jsonl", "checkpoints",
+                                                            "final.pt"))
+
+
+def find_resume(opts, out, say):
+    """(out, checkpoint path or None, checkpoint or None) for the --resume/--out options (rank 0)."""
+    resume = opts.get("resume")
+    if resume is None:
+        if holds_run(out):
+            raise UsageError(f"{out} already holds a run; continue it with --resume auto, or choose a new --out")
+        return out, None, None
+    if resume == "auto":
+        path, ckpt = newest_valid_checkpoint(out / "checkpoints", warn=say)
+        if path is None:
+            say(f"--resume auto: no valid checkpoint in {out / 'checkpoints'}; starting fresh")
+        return out, path, ckpt
+    path = Path(resume)
+    if not path.exists():
+        raise UsageError(f"--resume {resume}: no such file or folder; pass a ckpt-<step>.pt, a run folder, or auto")
+    if path.is_dir():
+        run_dir = path
+        path, ckpt = newest_valid_checkpoint(path / "checkpoints", warn=say)
+        if path is None:
+            raise UsageError(f"--resume {resume}: no valid checkpoint in {run_dir / 'checkpoints'}")
+    else:
+        ckpt = load_checkpoint(path)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return (out if "out" in opts else run_dir), path, ckpt
+
+
+def decide_resume(opts, cfg, rank, world_size, say):
+    """(opts, cfg, out, checkpoint path or None, checkpoint or None). Rank 0 decides where the run lives
+    and what it resumes from; every rank then loads the same file, and the checkpoint's options (under
+    the ones given now) define the run."""
+    decision, ckpt = [None], None  # broadcast_object_list fills a list in place
+    if rank == 0:
+        out = Path(opts["out"]) if "out" in opts else Path(default_out(cfg))
+        out, ckpt_path, ckpt = find_resume(opts, out, say)
+        decision = [(str(out), None if ckpt_path is None else str(ckpt_path))]
+    if world_size > 1:
+        dist.broadcast_object_list(decision, src=0)
+    out, ckpt_path = Path(decision[0][0]), decision[0][1]
+    if ckpt_path is None:
+        return opts, cfg, out, None, None
+    if rank != 0:
+        ckpt = load_checkpoint(ckpt_path)
+    if ckpt["config"]["dataset"] != cfg.dataset:
+        raise UsageError(f"{ckpt_path} is a {ckpt['config']['dataset']} run, not {cfg.dataset}")
+    opts = merge_options(ckpt["options"], opts)
+    cfg = resolve_config(opts, world_size)
+    say(f"resuming from {ckpt_path} (step {ckpt['step']})")
+    return opts, cfg, out, ckpt_path, ckpt
+
+
+def merge_options(saved, given):
+    """The checkpoint's options, overridden by those given now (e.g. a longer --iters); the options of
+    this process (RUNTIME_OPTIONS) come only from the command line."""
+    merged = {k: v for k, v in saved.items() if k not in RUNTIME_OPTIONS}
+    merged.update({k: v for k, v in given.items() if k not in RUNTIME_OPTIONS})
+    merged.update({k: given[k] for k in RUNTIME_OPTIONS if k in given})
+    return merged
+
+
+# ------------------------------------------------------------------------------------------- setup
+def build_run(opts, cfg, device, rank, world_size, out, say):
+    """The run at step 0: data (which fixes the schedule's length), model, optimizer, lr schedule, scaler."""
+    data = load_data(cfg, device, rank, world_size)
+    plan_run(cfg, len(data.train))
+    seed_everything(cfg.seed)
+    model = create_run_model(cfg, data.num_classes, device)
+    if cfg.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg, device)
+    schedule = dict(lr=cfg.lr, total_iters=cfg.total_iters, warmup_iters=cfg.warmup_iters,
+                    milestones=tuple(cfg.milestones), schedule=cfg.schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, **schedule) / cfg.lr)
+    # fp16 needs loss scaling. bf16 and fp32 get a scaler held at scale 1 (see train_step.py): it only
+    # skips the steps whose gradients are not finite, as in fp16, without a host sync on CUDA.
+    scaler = torch.amp.GradScaler(device.type, init_scale=65536.0 if cfg.amp == "fp16" else 1.0)
+    return RunState(cfg=cfg, opts=opts, device=device, rank=rank, world_size=world_size, out=out, say=say,
+                    data=data, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                    autocast=autocast_for(cfg, device))
+
+
+def build_optimizer(model, cfg, device):
+    """The paper's SGD; --no-bn-wd exempts BN's gamma/beta and the biases (the 1-d parameters)."""
+    if cfg.no_bn_wd:
+        params = [{"params": [p for p in model.parameters() if p.ndim > 1]},
+                  {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    else:
+        params = model.parameters()
+    # fused=True: one multi-tensor kernel, and it takes the scaler's found_inf on the device (no sync).
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                           nesterov=cfg.nesterov, **impl)
+
+
+def restore(run, ckpt):
+    """Continue exactly where the checkpoint stopped: weights, optimizer, scaler, schedule, loader, RNGs."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.data.train.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    run.step = ckpt["step"]
+
+
+def open_run_files(run, ckpt_path):
+    """Rank 0: the checkpoints/ folder, metrics.jsonl (cut back to the resumed step) and config.json."""
+    if not run.is_main:
+        return
+    cfg, out = run.cfg, run.out
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out / "checkpoints")
+    run.log = RunLog(out, resume_step=run.step if ckpt_path is not None else None)
+    atomic_write_json(out / "config.json", {**vars(cfg), "out": str(out), "resumed_from": ckpt_path,
+                                            "command": sys.argv, **environment(run.device, run.world_size)})
+    run.say(f"{cfg.arch} ({cfg.unit}, {cfg.kernels} kernels, amp {cfg.amp}) on {cfg.dataset}: {cfg.total_iters} "
+            f"iterations at batch {cfg.batch_size} ({run.world_size} worker(s)), lr {cfg.lr:g} "
+            + (f"/10 at {cfg.milestones}" if cfg.schedule == "step" else "cosine")
+            + f", warm-up {cfg.warmup_iters}; run files in {out}")
+
+
+def environment(device, world_size):
+    import torchvision
+    env = {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                        "torchvision": torchvision.__version__, "fastpreact": _version()},
+           "host": socket.gethostname(), "world_size": world_size,
+           "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+           if device.type == "cuda" else [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        import triton
+        env["versions"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+# -------------------------------------------------------------------------------------------- loop
+def train_loop(run):
+    """Train until cfg.total_iters, a stop signal or MAX_NONFINITE non-finite losses in a row; returns
+    (stop reason: None, "signal" or "nonfinite"; the signal's number)."""
+    cfg = run.cfg
+    train_step = make_train_step(run)
+    run.last_checkpoint_step = run.step
+    run.model.train()
+    stop_reason = None
+    with StopSignals() as stop, Progress(run) as progress:
+        while run.step < cfg.total_iters and stop_reason is None:
+            for images, labels in run.data.train:
+                loss = train_step(images, labels)
+                run.step += 1
+                progress.update(loss)
+                if run.step % cfg.log_every == 0 or run.step == cfg.total_iters:
+                    worst_streak, signum = progress.log(stop.signum)  # the same on every rank
+                    if worst_streak >= MAX_NONFINITE:
+                        stop_reason = "nonfinite"
+                    elif signum:
+                        stop.signum, stop_reason = signum, "signal"
+                elif stop.signum and not run.distributed:
+                    stop_reason = "signal"
+                if stop_reason == "nonfinite":
+                    break
+                eval_due = run.step % cfg.eval_every == 0
+                checkpoint_due = run.step % cfg.ckpt_every == 0 or run.step % cfg.iters_per_epoch == 0
+                if eval_due and run.step < cfg.total_iters:
+                    run_evaluation(run)
+                if checkpoint_due or stop_reason == "signal":
+                    write_checkpoint(run)
+                if eval_due or checkpoint_due:
+                    progress.restart_clock()  # throughput counts training time only
+                if run.step >= cfg.total_iters or stop_reason is not None:
+                    break
+    return stop_reason, stop.signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during the loop: the first one lets the run finish its step, write a
+    checkpoint and exit; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = 0  # the signal received (0: none)
+        self.previous = {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+class Progress:
+    """The progress bar and metrics.jsonl's train records. The loss bookkeeping stays on the device, so a
+    step costs no host sync; log() syncs once, over all ranks."""
+
+    def __init__(self, run):
+        from tqdm import tqdm
+        self.run = run
+        self.bar = tqdm(total=run.cfg.total_iters, initial=run.step, disable=not run.is_main,
+                        dynamic_ncols=True, unit="it", mininterval=0.5, file=sys.stderr)
+        zero = dict(device=run.device, dtype=torch.int64)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # since the last log step
+        self.finite_steps, self.streak, self.max_streak = (torch.zeros((), **zero) for _ in range(3))
+        run.t_start = self.t_last = time.perf_counter()
+        self.last_step = run.step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def update(self, loss):
+        self.bar.update(1)
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.double(), 0.0)
+        self.finite_steps += finite
+        self.streak.copy_((self.streak + 1) * (~finite))
+        torch.maximum(self.max_streak, self.streak, out=self.max_streak)
+
+    def log(self, signum):
+        """Write a train record (rank 0); returns (the longest non-finite streak since the last log,
+        the signal any rank received), both the same on every rank."""
+        run = self.run
+        stats = torch.stack([self.loss_sum, self.finite_steps.double()])
+        flags = torch.stack([self.max_streak, torch.tensor(signum, device=run.device)])
+        if run.distributed:
+            dist.all_reduce(stats)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        (loss_total, n_finite), (worst_streak, signum) = stats.tolist(), flags.tolist()
+        now = time.perf_counter()
+        img_per_s = (run.step - self.last_step) * run.cfg.batch_size / max(now - self.t_last, 1e-9)
+        lr_now, epoch = run.optimizer.param_groups[0]["lr"], round(run.step / run.cfg.iters_per_epoch, 4)
+        if run.is_main:
+            mean_loss = loss_total / n_finite if n_finite else None
+            run.log.write({"kind": "train", "step": run.step, "epoch": epoch,
+                           "loss": mean_loss, "lr": lr_now, "img_per_s": round(img_per_s, 1),
+                           "time": round(run.log.elapsed_before + now - run.t_start, 3)})
+            self.bar.set_postfix(loss="nan" if mean_loss is None else f"{mean_loss:.4f}", lr=f"{lr_now:.4g}",
+                                 img_s=f"{img_per_s:.0f}", refresh=False)
+        self.loss_sum.zero_()
+        self.finite_steps.zero_()
+        self.max_streak.copy_(self.streak)
+        self.last_step, self.t_last = run.step, now
+        return worst_streak, signum
+
+    def restart_clock(self):
+        self.t_last = time.perf_counter()
+
+
+# ------------------------------------------------------------------- checkpoints, evaluation, end
+def write_checkpoint(run):
+    """Write ckpt-<step>.pt (rank 0) unless the state is not finite (then the last good one stays)."""
+    run.last_checkpoint, run.last_checkpoint_step = None, run.step
+    average_bn_buffers(run.model, run.distributed)
+    if not state_is_finite(run.model):
+        run.say(f"warning: step {run.step}: model state is not finite; checkpoint skipped")
+        return
+    if not run.is_main:
+        return
+    state = {"format": CHECKPOINT_FORMAT, "step": run.step, "epoch": run.data.train.epoch,
+             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "loader": run.data.train.state_dict(), "rng": rng_state(),
+             "options": dict(run.opts), "config": vars(run.cfg)}
+    run.last_checkpoint = save_checkpoint(state, run.out / "checkpoints", run.step)
+
+
+def run_evaluation(run):
+    """Evaluate the model on the validation set; rank 0 logs the result and redraws curves.png."""
+    t = time.perf_counter()
+    average_bn_buffers(run.model, run.distributed)
+    result = evaluate(run.model, run.data.val, run.data.num_classes, run.autocast, run.distributed, run.device)
+    if run.is_main:
+        step, cfg = run.step, run.cfg
+        run.log.write({"kind": "eval", "step": step, "epoch": round(step / cfg.iters_per_epoch, 4), **result,
+                       "time": round(run.log.elapsed_before + time.perf_counter() - run.t_start, 3)})
+        run.log.plot()
+        run.say(f"step {step}/{cfg.total_iters} (epoch {step / cfg.iters_per_epoch:.2f}): top-1 error "
+                f"{result['top1_err']:.2f}%, top-{min(5, run.data.num_classes)} error {result['top5_err']:.2f}%"
+                f" on {result['images']} images ({time.perf_counter() - t:.1f}s)")
+
+
+def finish(run, stop_reason, signum):
+    """The end of the run: the final evaluation, checkpoint and final.pt, or the reason it stopped early;
+    returns the exit code."""
+    if stop_reason == "nonfinite":
+        last = list_checkpoints(run.out / "checkpoints") if run.is_main else []
+        where = f"the last good checkpoint is {last[0][1]}" if last else "no checkpoint was written"
+        fix = "Lower --lr" + (", or use --amp bf16 or off." if run.cfg.amp == "fp16" else ".")
+        run.say(f"fastpreact.train: stopped: the loss was not finite for {MAX_NONFINITE} steps in a row (by step "
+                f"{run.step}); {where}. {fix}")
+        return 1
+    if stop_reason == "signal":
+        where = (f"checkpoint {run.last_checkpoint}" if run.last_checkpoint
+                 else "no checkpoint written (the state was not finite)")
+        run.say(f"stopped by {signal.Signals(signum).name} at step {run.step}; {where}; "
+                f"continue with --out {run.out} --resume auto")
+        return 128 + signum
+    run_evaluation(run)
+    if run.last_checkpoint_step != run.step:
+        write_checkpoint(run)
+    average_bn_buffers(run.model, run.distributed)
+    if run.is_main:
+        atomic_torch_save(run.model.state_dict(), run.out / "final.pt")
+        run.say(f"done: {run.step} iterations; final weights {run.out / 'final.pt'}")
+    return 0
+
+
+def average_bn_buffers(model, distributed):
+    """Average the BN running statistics over the ranks (each rank's last forward updated them from its
+    own shard), so that every rank evaluates and saves the same model. Training is unaffected: train mode
+    uses batch statistics, and DDP broadcasts rank 0's buffers before each forward."""
+    if not distributed:
+        return
+    world = dist.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world)
+
+
+def state_is_finite(model):
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
