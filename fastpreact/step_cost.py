@@ -33,208 +33,34 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from .launch_costs import (CLASSES, MATMUL_CLASSES, NO_LAUNCH, TRITON_COSTS, Launch, StepCost, aten_class,
+                           aten_cost)
 
 __all__ = ["CLASSES", "CARDS", "CARD_PEAKS", "HOST_US", "TRITON_COSTS", "NO_LAUNCH", "Launch", "StepCost",
            "count_step", "count_model", "predict"]
 
-CLASSES = ("fused 1x1", "3x3 conv", "BN-ReLU passes", "statistics", "glue", "loss and optimizer")
-MATMUL_CLASSES = ("fused 1x1", "3x3 conv")  # at the card's bf16 matmul rate; the rest at its bandwidth
-
 # ---------------------------------------------------------------------------------------------------
 # The constants of the roofline, in one place.
-# Cards: (bf16 dense matmul FLOP/s, device-to-device copy bytes/s) MEASURED on the cards (an 8192^3 bf16
-# matmul and a large device-to-device copy); the H200's matmul rate is the GPU machine's documented
-# ~790 TFLOP/s. benchmarks/_bench.py reads CARD_PEAKS from here.
+# Cards: bf16 dense matmul FLOP/s and device-to-device copy bandwidth (bytes/s). H100: both measured on
+# the card (an 8192^3 bf16 matmul, a large device-to-device copy). H200: copy bandwidth measured the same
+# way; matmul ~790 TFLOP/s, the documented rate of the H200 these benchmarks run on.
+# benchmarks/_bench.py reads CARD_PEAKS from here.
 # Host: microseconds the host spends per launch. ASSUMPTIONS, not measurements (eager PyTorch dispatch of
-# one aten op with autograd bookkeeping; a Triton launch adds Python argument binding and the autotuner's
-# cache lookup); change them here, or pass host_us= to predict().
+# one aten op with its autograd bookkeeping; a Triton launch adds Python argument binding and the
+# autotuner's cache lookup); change them here, or pass host_us= to predict().
 # ---------------------------------------------------------------------------------------------------
 CARDS = {
-    "h100": {"matmul_flops": 800e12, "copy_bytes_per_s": 3.0e12, "source": "measured on the card"},
+    "h100": {"matmul_flops": 800e12, "copy_bytes_per_s": 3.0e12, "source": "both measured on the card"},
     "h200": {"matmul_flops": 790e12, "copy_bytes_per_s": 4.3e12,
-             "source": "matmul: GPU machine's documentation; copy: measured on the card"},
+             "source": "matmul: documented rate; copy: measured on the card"},
 }
 CARD_PEAKS = {name: (c["matmul_flops"], c["copy_bytes_per_s"]) for name, c in CARDS.items()}
 HOST_US = {"aten": 6.0, "triton": 15.0}  # ASSUMED host cost per launch, microseconds
-
-# aten ops that launch no kernel: allocations, metadata and aliasing ops and the profiler's record-function
-# markers (every view op, found by its schema, is excluded as well, and so are ops outside the aten
-# namespace, e.g. prim.device).
-NO_LAUNCH = frozenset({
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "detach",
-    "alias", "lift_fresh", "set_", "resize_", "_reshape_alias", "as_strided", "view", "_to_dense",
-    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type",
-    "_record_function_enter_new", "_record_function_exit",
-})
-
-
-def _nb(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Triton kernels: op class and per-call cost from the launch arguments `a` (the kernel's named arguments,
-# its constexprs and config, and "grid"). Bytes are the compulsory traffic, each tensor once (the kernel
-# headers' formulas); fp32 partials are counted at this run's tile sizes. Returns (bytes, FLOPs).
-# ---------------------------------------------------------------------------------------------------
-def _conv1x1_fwd(a):
-    M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    extra = e * M * N if a["HAS_RESIDUAL"] else 0
-    parts = 2 * 4 * -(-M // a["BLOCK_M"]) * N if a["OUT_STATS"] else 0
-    return e * (M * K + N * K + M * N) + extra + parts + 16 * K, 2 * M * K * N
-
-
-def _conv1x1_dw(a):
-    M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    return e * (M * K + M * N) + 4 * a["grid"][1] * N * K + 16 * K, 2 * M * K * N
-
-
-def _conv1x1_dz(a):
-    M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    return e * (M * N + N * K + 2 * M * K) + 2 * 4 * -(-M // a["BLOCK_M"]) * K + 16 * K, 2 * M * K * N
-
-
-def _conv1x1_dx(a):
-    Mi, K, e = a["M_in"], a["K"], a["x_ptr"].element_size()
-    M = Mi * a["Ho"] * a["Wo"] // (a["H"] * a["W"])
-    return e * (2 * Mi * K + M * K + (Mi * K if a["ACCUMULATE"] else 0)) + 24 * K, 0
-
-
-def _stats_partial(a):
-    M, C = a["M"], a["C"]
-    return _nb(a["x_ptr"]) * M // max(a["x_ptr"].shape[0], 1) + 2 * 4 * -(-M // a["BLOCK_M"]) * C, 0
-
-
-def _stats_merge(a):
-    C = a["C"]
-    return 2 * 4 * a["num_blocks"] * C + 3 * 4 * C + (4 * 4 * C if a["UPDATE_RUNNING"] else 0), 0
-
-
-def _bn_finalize(a):
-    return 3 * 4 * a["C"] + (4 * 4 * a["C"] if a["UPDATE_RUNNING"] else 0), 0
-
-
-def _bn_relu_fwd(a):
-    return _nb(a["x_ptr"]) + _nb(a["a_ptr"]) + 16 * a["C"], 0
-
-
-def _bn_relu_reduce(a):
-    return _nb(a["da_ptr"]) + _nb(a["x_ptr"]) + _nb(a["part_ptr"]) + 16 * a["C"], 0
-
-
-def _bn_relu_dx(a):
-    return _nb(a["da_ptr"]) + _nb(a["x_ptr"]) + _nb(a["dx_ptr"]) + 24 * a["C"], 0
-
-
-TRITON_COSTS = {
-    "_bn_relu_conv1x1_fwd_kernel": ("fused 1x1", _conv1x1_fwd),
-    "_bn_relu_conv1x1_bwd_dw_kernel": ("fused 1x1", _conv1x1_dw),
-    "_bn_relu_conv1x1_bwd_dz_kernel": ("fused 1x1", _conv1x1_dz),
-    "_bn_relu_conv1x1_bwd_dx_kernel": ("fused 1x1", _conv1x1_dx),
-    "_batch_stats_partial_kernel": ("statistics", _stats_partial),
-    "_merge_partial_stats_kernel": ("statistics", _stats_merge),
-    "_bn_finalize_kernel": ("statistics", _bn_finalize),
-    "_bn_relu_fwd_kernel": ("BN-ReLU passes", _bn_relu_fwd),
-    "_bn_relu_bwd_reduce_kernel": ("BN-ReLU passes", _bn_relu_reduce),
-    "_bn_relu_bwd_dx_kernel": ("BN-ReLU passes", _bn_relu_dx),
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# aten ops: op class and cost
-# ---------------------------------------------------------------------------------------------------
-_BN_RELU_OPS = frozenset({
-    "native_batch_norm", "native_batch_norm_backward", "cudnn_batch_norm", "cudnn_batch_norm_backward",
-    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "batch_norm_backward", "relu", "relu_",
-    "threshold_backward", "max_pool2d_with_indices", "max_pool2d_with_indices_backward",
-})
-_WRITE_ONLY_FIRST = frozenset({"copy_", "fill_", "zero_", "_foreach_zero_", "_foreach_copy_"})
-
-
-def _aten_class(name, args):
-    if name in ("convolution", "convolution_backward"):
-        w = args[1] if name == "convolution" else args[2]
-        return "fused 1x1" if tuple(w.shape[2:]) == (1, 1) else "3x3 conv"
-    if name in _BN_RELU_OPS:
-        return "BN-ReLU passes"
-    return "glue"
-
-
-def _aten_cost(name, args, kwargs, out):
-    """(bytes read + written, FLOPs) of one aten op; FLOPs only for convolutions and matrix products."""
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if name.endswith("_") and not outs and args:
-        outs = [t for t in tree_leaves(args[0]) if isinstance(t, torch.Tensor)]  # in-place foreach ops
-    skip = args[0] if name in _WRITE_ONLY_FIRST else None
-    skip_ids = {id(t) for t in tree_leaves(skip)} if skip is not None else set()
-    seen, ins = set(), []
-    for t in tree_leaves((args, kwargs)):
-        if isinstance(t, torch.Tensor) and id(t) not in seen and id(t) not in skip_ids:
-            seen.add(id(t))
-            ins.append(t)
-    nbytes = sum(map(_nb, ins)) + sum(map(_nb, outs))
-    flops = 0
-    if name == "convolution":
-        flops = 2 * outs[0].numel() * args[1][0].numel()
-    elif name == "convolution_backward":
-        mask = args[10]
-        flops = 2 * args[0].numel() * args[2][0].numel() * (int(mask[0]) + int(mask[1]))
-    elif name in ("mm", "addmm"):
-        a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-        flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    elif name in ("native_batch_norm", "cudnn_batch_norm") and bool(args[5]):
-        nbytes += _nb(args[0])  # training: a statistics pass over x, then the normalising pass
-    elif name in ("native_batch_norm_backward", "cudnn_batch_norm_backward"):
-        nbytes += _nb(args[0]) + _nb(args[1])  # a reduction pass over (dy, x), then the dx pass
-    return nbytes, flops
-
-
-@dataclass
-class Launch:
-    kind: str          # "aten" or "triton"
-    name: str          # aten op (e.g. "add_") or Triton kernel name
-    cls: str           # one of CLASSES
-    bytes: int
-    flops: int
-    grid: tuple | None = None
-
-
-@dataclass
-class StepCost:
-    """The launches of one training step, and per-class totals."""
-    launches: list = field(default_factory=list)
-
-    def by_class(self):
-        """{class: {"aten", "triton", "launches", "bytes", "flops"}} over CLASSES, in order."""
-        out = {c: dict(aten=0, triton=0, launches=0, bytes=0, flops=0) for c in CLASSES}
-        for r in self.launches:
-            d = out[r.cls]
-            d[r.kind] += 1
-            d["launches"] += 1
-            d["bytes"] += r.bytes
-            d["flops"] += r.flops
-        return out
-
-    def totals(self):
-        t = dict(aten=0, triton=0, launches=0, bytes=0, flops=0)
-        for d in self.by_class().values():
-            for k in t:
-                t[k] += d[k]
-        return t
-
-    def op_counts(self, cls=None, kind=None):
-        """{op or kernel name: launches}, most frequent first (optionally of one class / kind)."""
-        counts = {}
-        for r in self.launches:
-            if (cls is None or r.cls == cls) and (kind is None or r.kind == kind):
-                counts[r.name] = counts.get(r.name, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,7 +99,7 @@ class _Recorder(TorchDispatchMode):
                 raise RuntimeError(f"step_cost: the step reads a tensor value on the host ({func}); a training "
                                    "step must not synchronise (it could not be captured in a CUDA graph)")
             if func.namespace == "aten" and not func.is_view and name not in NO_LAUNCH:
-                nbytes, flops = _aten_cost(name, args, kwargs, out)
+                nbytes, flops = aten_cost(name, args, kwargs, out)
                 self.cost.launches.append(Launch("aten", name, self._classify(name, args), nbytes, flops))
         return out
 
@@ -284,7 +110,7 @@ class _Recorder(TorchDispatchMode):
             node = torch._C._current_autograd_node()
             if node is None or id(node) in self.region:
                 return "loss and optimizer"
-        return _aten_class(name, args)
+        return aten_class(name, args)
 
     def triton(self, name, meta, grid):
         if name not in TRITON_COSTS:
@@ -300,6 +126,28 @@ def _kernel_name(fn):
     while not hasattr(fn, "__code__") and hasattr(fn, "fn"):
         fn = fn.fn
     return fn.__name__
+
+
+@contextlib.contextmanager
+def _triton_backend_on_cpu():
+    """functional.backend() says "triton" for the CPU while the fake step runs, also where a GPU made
+    TRITON_INTERPRET unnecessary; the kernel modules are imported first, as this process imports them."""
+    import importlib
+    import os
+    import pkgutil
+
+    from . import kernels as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 @contextlib.contextmanager
@@ -355,6 +203,63 @@ def _intercept_triton(rec):
             c.run = orig
 
 
+_GPU_KERNELS = {}  # kernel module name -> a copy imported as on a GPU (TRITON_INTERPRET unset)
+
+
+def _gpu_kernel_modules():
+    """The kernel modules imported a second time the way a GPU imports them: their tile sizes, launch
+    constants and autotune configurations are the GPU's, not the interpreter's."""
+    if _GPU_KERNELS:
+        return _GPU_KERNELS
+    import importlib
+    import os
+    import pkgutil
+    import sys
+    import types
+
+    from . import kernels as pkg
+    alias = "fastpreact._kernels_as_on_gpu"
+    shell = types.ModuleType(alias)
+    shell.__path__ = list(pkg.__path__)
+    old_env, sys.modules[alias] = os.environ.get("TRITON_INTERPRET"), shell
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        for info in pkgutil.iter_modules(pkg.__path__):
+            _GPU_KERNELS[info.name] = importlib.import_module(f"{alias}.{info.name}")
+    finally:
+        if old_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old_env
+        for name in [n for n in sys.modules if n == alias or n.startswith(alias + ".")]:
+            del sys.modules[name]
+    return _GPU_KERNELS
+
+
+@contextlib.contextmanager
+def _gpu_tiles():
+    """Give the loaded kernel modules the GPU's int/bool constants and autotune configs for a while."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+    undo = []
+    for name, gpu in _gpu_kernel_modules().items():
+        mod = importlib.import_module(f"{__package__}.kernels.{name}")
+        for attr, val in vars(gpu).items():
+            cur = getattr(mod, attr, None)
+            if isinstance(val, Autotuner) and isinstance(cur, Autotuner):
+                undo.append((cur, "configs", cur.configs))
+                cur.configs = val.configs
+            elif type(val) in (bool, int) and type(cur) is type(val) and cur != val:
+                undo.append((mod, attr, cur))
+                setattr(mod, attr, val)
+    try:
+        yield
+    finally:
+        for obj, attr, val in reversed(undo):
+            setattr(obj, attr, val)
+
+
 def _train_step(model, opt, x, y, amp_dtype, rec):
     """One training step; rec.phase tells the recorder where it is."""
     rec.phase = "optimizer"
@@ -394,18 +299,27 @@ def _head_region(model, rec):
         del model.forward_head
 
 
-def count_step(make, *, amp_dtype=torch.bfloat16, real=False, lr=0.1, momentum=0.9, weight_decay=1e-4):
+def count_step(make, *, amp_dtype=torch.bfloat16, real=False, tiles=None, lr=0.1, momentum=0.9,
+               weight_decay=1e-4):
     """Launches, bytes and FLOPs of one steady-state training step (momentum buffers already exist).
 
     make() -> (model, x, y) builds the model (on the CPU, channels-last where wanted) and a batch; it is
     called under FakeTensorMode unless real=True (then everything, Triton kernels included, runs for real:
     small nets only). Optimizer: SGD with momentum, foreach. amp_dtype: the autocast dtype, or None.
+    tiles: "gpu" (default when not real) gives the kernels the tile sizes, split counts and autotune
+    configs they have on a GPU (the first config that fits stands for the tuned one); "loaded" keeps the
+    loaded modules' (the interpreter's), which a real run needs. Tiles change the partial buffers' sizes,
+    and whether a split reduction needs a summing launch.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    tiles = tiles or ("loaded" if real else "gpu")
+    if tiles not in ("gpu", "loaded") or (real and tiles == "gpu"):
+        raise ValueError(f"count_step: tiles must be 'gpu' or 'loaded' ('loaded' for a real run), got {tiles!r}")
     fake_mode = contextlib.nullcontext() if real else FakeTensorMode()
     rec = _Recorder(fake=not real)
-    with fake_mode:
+    on_cpu = contextlib.nullcontext() if real else _triton_backend_on_cpu()
+    with on_cpu, fake_mode, (_gpu_tiles() if tiles == "gpu" else contextlib.nullcontext()):
         model, x, y = make()
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -419,7 +333,7 @@ def count_step(make, *, amp_dtype=torch.bfloat16, real=False, lr=0.1, momentum=0
     return rec.cost
 
 
-def count_model(arch, num_classes, *, kernels, batch, image, amp_dtype=torch.bfloat16, real=False,
+def count_model(arch, num_classes, *, kernels, batch, image, amp_dtype=torch.bfloat16, real=False, tiles=None,
                 **create_kw):
     """count_step of fastpreact.models.create_model(arch, num_classes, kernels=kernels, **create_kw),
     channels-last, on a [batch, 3, image, image] input."""
@@ -435,4 +349,34 @@ def count_model(arch, num_classes, *, kernels, batch, image, amp_dtype=torch.bfl
         x = torch.randn(batch, 3, image, image, generator=gen).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, num_classes, (batch,), generator=gen)
         return model, x, y
-    return count_step(make, amp_dtype=amp_dtype, real=real)
+    return count_step(make, amp_dtype=amp_dtype, real=real, tiles=tiles)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The roofline
+# ---------------------------------------------------------------------------------------------------
+def predict(cost: StepCost, card: str, host_us: dict | None = None) -> dict:
+    """Predicted step time (ms) on `card` (a key of CARDS): a MODEL, not a measurement.
+
+    GPU time per op class: max(FLOPs / matmul rate, bytes / copy bandwidth) for the GEMM and convolution
+    classes (MATMUL_CLASSES, at the card's bf16 matmul rate), bytes / copy bandwidth for the others
+    (bandwidth-bound). Host time: launches times HOST_US (aten and Triton separately; assumptions).
+    The host is an overlapped pipeline (it enqueues while the GPU runs), so the step takes
+    max(GPU time, host time). Returns {"gpu_ms": {class: ms}, "gpu_total_ms", "host_ms", "step_ms",
+    "bound": "GPU" | "host"}.
+    """
+    if card not in CARDS:
+        raise ValueError(f"predict: unknown card {card!r}; known: {', '.join(CARDS)} (add it to "
+                         "fastpreact.step_cost.CARDS)")
+    host_us = dict(HOST_US, **(host_us or {}))
+    rate, bw = CARDS[card]["matmul_flops"], CARDS[card]["copy_bytes_per_s"]
+    per_class, host_s = {}, 0.0
+    for cls, d in cost.by_class().items():
+        seconds = d["bytes"] / bw
+        if cls in MATMUL_CLASSES:
+            seconds = max(seconds, d["flops"] / rate)
+        per_class[cls] = seconds * 1e3
+        host_s += (d["aten"] * host_us["aten"] + d["triton"] * host_us["triton"]) * 1e-6
+    gpu_ms, host_ms = sum(per_class.values()), host_s * 1e3
+    return {"gpu_ms": per_class, "gpu_total_ms": gpu_ms, "host_ms": host_ms, "step_ms": max(gpu_ms, host_ms),
+            "bound": "GPU" if gpu_ms >= host_ms else "host"}
