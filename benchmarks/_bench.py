@@ -47,9 +47,9 @@ MEASURES = {"ms", "img_per_s", "peak_mem_gb", "tflops", "gbps", "speedup", "mem_
             "reason", "rounds", "inner", "compile_s", "backend", "pct_peak_flops", "pct_peak_bw",
             "flops", "bytes", "fused_counts", "stands_for", "count", "notes", "unit", "input", "workers", "saved_mb_per_img",
             # the step-cost model's outputs (bench_cost.py)
-            "launches", "aten", "triton", "gb", "gflop", "host_ms", "h100_ms", "h200_ms", "h100_img_per_s",
-            "h200_img_per_s", "bound", "launches_vs_stock", "bytes_vs_stock", "h100_vs_stock", "predicted_ms",
-            "measured_ms", "predicted_vs_measured", "measured_in"}
+            "launches", "aten", "triton", "gb", "gflop", "host_ms", "h100_ms", "h200_ms", "h100_gpu_ms",
+            "h200_gpu_ms", "h100_img_per_s", "h200_img_per_s", "bound", "launches_vs_stock", "bytes_vs_stock",
+            "h100_vs_stock", "predicted_ms", "measured_ms", "predicted_vs_measured", "measured_in"}
 
 
 def device_name() -> str:

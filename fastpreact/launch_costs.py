@@ -21,7 +21,8 @@ MATMUL_CLASSES = ("fused 1x1", "3x3 conv")  # at the card's bf16 matmul rate; th
 NO_LAUNCH = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "detach",
     "alias", "lift_fresh", "set_", "resize_", "_reshape_alias", "as_strided", "view", "_to_dense",
-    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type",
+    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+    "_has_compatible_shallow_copy_type",
     "_record_function_enter_new", "_record_function_exit",
 })
 
