@@ -162,6 +162,7 @@ class Launch:
 class StepCost:
     """The launches of one training step, and per-class totals."""
     launches: list = field(default_factory=list)
+    excluded: dict = field(default_factory=dict)  # aten ops seen that launch no kernel: {name: count}
 
     def by_class(self):
         """{class: {"aten", "triton", "launches", "bytes", "flops"}} over CLASSES, in order."""

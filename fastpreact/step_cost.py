@@ -87,24 +87,28 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, fake):
         super().__init__()
         self.fake, self.cost = fake, StepCost()
-        self.phase, self.head, self.paused = "forward", False, False
+        self.phase, self.head = "forward", False
         self.region = {}  # id -> node: autograd nodes of the head and the loss (kept alive here)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.paused and not getattr(_TLS, "inside", False):
+        if not getattr(_TLS, "inside", False):
             name = func._overloadpacket.__name__
             if name == "_local_scalar_dense":
                 raise RuntimeError(f"step_cost: the step reads a tensor value on the host ({func}); a training "
                                    "step must not synchronise (it could not be captured in a CUDA graph)")
-            if func.namespace == "aten" and not func.is_view and name not in NO_LAUNCH:
+            if func.namespace != "aten":
+                pass
+            elif func.is_view or name in NO_LAUNCH:
+                self.cost.excluded[name] = self.cost.excluded.get(name, 0) + 1
+            else:
                 nbytes, flops = aten_cost(name, args, kwargs, out)
                 self.cost.launches.append(Launch("aten", name, self._classify(name, args), nbytes, flops))
         return out
 
     def _classify(self, name, args):
-        if self.phase != "forward" and self.phase != "backward" or self.head:
+        if self.head or self.phase not in ("forward", "backward"):
             return "loss and optimizer"
         if self.phase == "backward":
             node = torch._C._current_autograd_node()
@@ -114,8 +118,8 @@ class _Recorder(TorchDispatchMode):
 
     def triton(self, name, meta, grid):
         if name not in TRITON_COSTS:
-            raise KeyError(f"step_cost: no cost formula for the Triton kernel {name}; add one to "
-                           "fastpreact.step_cost.TRITON_COSTS")
+            raise KeyError(f"step_cost: no cost formula for the Triton kernel {name}; add one to TRITON_COSTS "
+                           "in fastpreact/launch_costs.py")
         cls, cost = TRITON_COSTS[name]
         grid = tuple(grid(meta) if callable(grid) else grid)
         nbytes, flops = cost(dict(meta, grid=grid))

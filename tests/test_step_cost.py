@@ -90,7 +90,7 @@ def test_predict_roofline():
 
 def test_unknown_triton_kernel_is_named(monkeypatch):
     monkeypatch.delitem(sc.TRITON_COSTS, "_bn_relu_fwd_kernel")
-    with pytest.raises(KeyError, match="_bn_relu_fwd_kernel; add one to fastpreact.step_cost.TRITON_COSTS"):
+    with pytest.raises(KeyError, match="_bn_relu_fwd_kernel; add one to TRITON_COSTS in fastpreact/launch_costs"):
         _count("cifar bottleneck", "fused")
 
 
