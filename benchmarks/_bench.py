@@ -26,6 +26,10 @@ import time
 
 import torch
 
+# Peaks of the cards, (bf16 matmul FLOP/s, copy bytes/s): one table for the whole project, with its
+# sources, in fastpreact.step_cost; used here only to say what fraction of the card a kernel reaches.
+from fastpreact.step_cost import CARD_PEAKS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -37,15 +41,15 @@ FULL = SCALE == "full"
 AMP_DTYPE = torch.bfloat16 if ON_GPU else None
 DTYPE_NAME = "bf16" if AMP_DTYPE is torch.bfloat16 else "fp32"
 
-# Measured peaks of the cards this project uses (roofline.py and the device notes: an 8192^3 bf16 matmul
-# and a device-to-device copy on that very machine); used only to say what fraction of the card a
-# kernel reaches. Absent for other devices.
-CARD_PEAKS = {"h100": (800e12, 3.0e12), "h200": (790e12, 4.3e12)}
 
 # Fields that are measurements: everything else in a row identifies it (for merging and pairing).
 MEASURES = {"ms", "img_per_s", "peak_mem_gb", "tflops", "gbps", "speedup", "mem_vs_stock", "status",
             "reason", "rounds", "inner", "compile_s", "backend", "pct_peak_flops", "pct_peak_bw",
-            "flops", "bytes", "fused_counts", "stands_for", "count", "notes", "unit", "input", "workers", "saved_mb_per_img"}
+            "flops", "bytes", "fused_counts", "stands_for", "count", "notes", "unit", "input", "workers", "saved_mb_per_img",
+            # the step-cost model's outputs (bench_cost.py)
+            "launches", "aten", "triton", "gb", "gflop", "host_ms", "h100_ms", "h200_ms", "h100_gpu_ms",
+            "h200_gpu_ms", "h100_img_per_s", "h200_img_per_s", "bound", "launches_vs_stock", "bytes_vs_stock",
+            "h100_vs_stock", "predicted_ms", "measured_ms", "predicted_vs_measured", "measured_in"}
 
 
 def device_name() -> str:

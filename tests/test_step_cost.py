@@ -1,0 +1,111 @@
+"""The step-cost model (fastpreact.step_cost): launch counts of one training step, pinned exactly, and the
+counter checked against a real run.
+
+The pinned counts are today's: a change to the fused path that adds or removes a launch fails here, and
+the new count is written down with the change (a launch diet lowers the fused numbers).
+"""
+import os
+import re
+
+import pytest
+import torch
+
+from fastpreact import step_cost as sc
+
+IMAGENET_TINY = dict(image=32, layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), family="imagenet")
+NETS = {
+    # name: (arch, create_model/input keywords)
+    "cifar bottleneck": ("resnet11", dict(image=8)),
+    "cifar basic": ("resnet8", dict(image=8)),
+    "imagenet bottleneck": ("resnet14", dict(IMAGENET_TINY, block="bottleneck")),
+    "imagenet basic": ("resnet10", dict(IMAGENET_TINY, block="basic")),
+}
+# (aten launches, Triton launches) of one bf16 training step at batch 2.
+PINNED = {
+    ("cifar bottleneck", "stock"): (130, 0), ("cifar bottleneck", "fused"): (113, 55),
+    ("cifar basic", "stock"): (99, 0), ("cifar basic", "fused"): (129, 51),
+    ("imagenet bottleneck", "stock"): (165, 0), ("imagenet bottleneck", "fused"): (166, 85),
+    ("imagenet basic", "stock"): (125, 0), ("imagenet basic", "fused"): (163, 68),
+}
+
+
+def _count(net, kernels, **kw):
+    arch, create_kw = NETS[net]
+    return sc.count_model(arch, 10, kernels=kernels, batch=2, **create_kw, **kw)
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_launch_counts_pinned(net):
+    got = {}
+    for kernels in ("stock", "fused"):
+        cost = _count(net, kernels)
+        t = cost.totals()
+        got[kernels] = t["launches"]
+        assert sum(d["launches"] for d in cost.by_class().values()) == t["launches"] == len(cost.launches)
+        assert (t["aten"], t["triton"]) == PINNED[net, kernels], (
+            f"{net} {kernels}: one training step now makes {t['aten']} aten + {t['triton']} Triton launches, "
+            f"pinned {PINNED[net, kernels]}; update PINNED with the change that moved them")
+    print(f"{net}: fused / stock launches {got['fused'] / got['stock']:.2f}")
+
+
+def test_fake_count_equals_a_real_run():
+    """Under FakeTensorMode nothing runs; here the same tiny step really runs (Triton through the
+    interpreter): the same launches, in the same order and classes, with the same bytes and FLOPs."""
+    for kernels in ("stock", "fused"):
+        kw = dict(kernels=kernels, batch=2, image=8, widths=(4, 8, 8), amp_dtype=None, tiles="loaded")
+        fake = sc.count_model("resnet11", 10, **kw)
+        real = sc.count_model("resnet11", 10, real=True, **kw)
+        assert [(r.kind, r.name, r.cls) for r in fake.launches] == [(r.kind, r.name, r.cls) for r in real.launches]
+        assert fake.totals() == real.totals()
+        assert (real.totals()["triton"] > 0) == (kernels == "fused")
+
+
+def test_every_class_and_cost_is_sane():
+    cost = _count("imagenet bottleneck", "fused", amp_dtype=torch.bfloat16)
+    by = cost.by_class()
+    assert list(by) == list(sc.CLASSES)
+    assert all(d["launches"] > 0 for d in by.values())
+    # FLOPs only where a GEMM or convolution runs; the fused 1x1 FLOPs equal the stock 1x1 convs'.
+    stock = _count("imagenet bottleneck", "stock").by_class()
+    assert by["fused 1x1"]["flops"] == stock["fused 1x1"]["flops"] > 0
+    assert by["3x3 conv"]["flops"] == stock["3x3 conv"]["flops"] > 0
+    assert by["glue"]["flops"] == by["statistics"]["flops"] == by["BN-ReLU passes"]["flops"] == 0
+    assert all(r.bytes > 0 for r in cost.launches if r.kind == "triton")
+    assert {r.cls for r in cost.launches if r.kind == "triton"} <= {"fused 1x1", "BN-ReLU passes", "statistics"}
+
+
+def test_predict_roofline():
+    cost = _count("cifar bottleneck", "fused")
+    p = sc.predict(cost, "h100")
+    t = cost.totals()
+    host = (t["aten"] * sc.HOST_US["aten"] + t["triton"] * sc.HOST_US["triton"]) / 1e3
+    assert p["host_ms"] == pytest.approx(host)
+    assert p["step_ms"] == max(p["gpu_total_ms"], p["host_ms"])
+    assert p["bound"] == "host"  # a tiny net: launches dominate
+    slow = sc.predict(cost, "h100", host_us={"aten": 0.0, "triton": 0.0})
+    assert slow["host_ms"] == 0 and slow["step_ms"] == slow["gpu_total_ms"] > 0
+    with pytest.raises(ValueError, match="unknown card 'a100'"):
+        sc.predict(cost, "a100")
+
+
+def test_unknown_triton_kernel_is_named(monkeypatch):
+    monkeypatch.delitem(sc.TRITON_COSTS, "_bn_relu_fwd_kernel")
+    with pytest.raises(KeyError, match="_bn_relu_fwd_kernel; add one to TRITON_COSTS in fastpreact/launch_costs"):
+        _count("cifar bottleneck", "fused")
+
+
+def test_bad_tiles_argument():
+    with pytest.raises(ValueError, match="tiles must be 'gpu' or 'loaded'"):
+        _count("cifar basic", "stock", tiles="interpreter")
+
+
+def test_nothing_in_the_package_imports_the_cost_model():
+    from fastpreact import kernels
+    roots = {os.path.dirname(sc.__file__), os.path.dirname(kernels.__file__)}
+    for dirpath, _, files in (w for root in roots for w in os.walk(root)):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not name.endswith(".py") or name in ("step_cost.py", "launch_costs.py"):
+                continue
+            with open(path, encoding="utf-8") as f:
+                assert not re.search(r"\b(step_cost|launch_costs)\b", f.read()), path
