@@ -356,8 +356,8 @@ def test_dual(stride_a, stride_b, training, device, monkeypatch):
 
 def test_dual_module_state_dict_and_from_modules():
     bn, ca, cb = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1, bias=False), nn.Conv2d(6, 8, 1, stride=2, bias=False)
-    dual = fastpreact.modules.BNReLUConv1x1Dual.from_modules(bn, ca, cb)
-    fresh = fastpreact.modules.BNReLUConv1x1Dual(6, 4, 8, stride_b=2)
+    dual = fastpreact.BNReLUConv1x1Dual.from_modules(bn, ca, cb)
+    fresh = fastpreact.BNReLUConv1x1Dual(6, 4, 8, stride_b=2)
     assert list(dual.state_dict()) == list(fresh.state_dict())
     assert dual.conv_a is ca and dual.conv_b is cb and dual.bn is bn
     x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
@@ -366,7 +366,7 @@ def test_dual_module_state_dict_and_from_modules():
     torch.testing.assert_close(ya, ca(a), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(yb, cb(a), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="bias"):
-        fastpreact.modules.BNReLUConv1x1Dual.from_modules(bn, nn.Conv2d(6, 4, 1), cb)
+        fastpreact.BNReLUConv1x1Dual.from_modules(bn, nn.Conv2d(6, 4, 1), cb)
 
 
 def test_module_matches_stock_sequential():

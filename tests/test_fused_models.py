@@ -15,8 +15,10 @@ from torch import nn
 
 import fastpreact.functional as Fp
 from fastpreact.models import BatchNormReLU2d, create_model
-from fastpreact.nn import FusedBatchNormReLU2d, bn_relu_conv2d, bn_relu_max_pool2d, fused_components
-from fastpreact.nn.units import FusedPreActBottleneck
+from fastpreact.functional import bn_relu_conv2d, bn_relu_max_pool2d
+from fastpreact.models import fused_components
+from fastpreact.nn import FusedBatchNormReLU2d
+from fastpreact.models.fused_units import FusedPreActBottleneck
 
 # (arch, create_model keywords, input size): with a batch of 8 every BN sees >= 32 values per channel.
 CIFAR_NET = ("resnet11", dict(widths=(4, 8, 8)), 12)  # stride on the first 1x1, projections
@@ -157,8 +159,6 @@ def test_statistics_chained_between_kernels(monkeypatch):
     """Training forward of a fused pre-act net: every BN1 after the first unit, every BN2 and the final
     BN get their batch statistics from the producing kernel's epilogue (input_stats), and they are the
     true statistics of that input."""
-    import fastpreact.nn.bn_relu as nn_bn_relu
-    import fastpreact.nn.units as nn_units
     seen = []
 
     def spy(fn, name):
@@ -173,8 +173,8 @@ def test_statistics_chained_between_kernels(monkeypatch):
         return wrapper
     monkeypatch.setattr(Fp, "bn_relu_conv1x1_dual", spy(Fp.bn_relu_conv1x1_dual, "dual"))
     monkeypatch.setattr(Fp, "bn_relu_conv1x1", spy(Fp.bn_relu_conv1x1, "1x1"))
-    monkeypatch.setattr(nn_units, "bn_relu_conv2d", spy(nn_units.bn_relu_conv2d, "3x3"))
-    monkeypatch.setattr(nn_bn_relu, "bn_relu", spy(nn_bn_relu.bn_relu, "head"))
+    monkeypatch.setattr(Fp, "bn_relu_conv2d", spy(Fp.bn_relu_conv2d, "3x3"))
+    monkeypatch.setattr(Fp, "bn_relu", spy(Fp.bn_relu, "head"))
     torch.manual_seed(0)
     model = create_model("resnet20", 10, block="bottleneck", kernels="fused", widths=(4, 8, 8))
     model(channels_last(torch.randn(4, 3, 8, 8)))
