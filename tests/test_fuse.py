@@ -30,6 +30,7 @@ from torch import nn
 import fastpreact
 from fastpreact import functional as Fp
 from fastpreact.fuse import FusedSequential, fuse, fused_chains
+from oracle import assert_oracle as assert_relative
 
 BN_RELU = "BatchNorm2d -> ReLU -> Conv1x1"
 BN_RELU_DUAL = "BatchNorm2d -> ReLU -> 2x Conv1x1 (shared pre-activation)"
@@ -62,21 +63,6 @@ def step(model, x, head_weight, train):
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in model.named_parameters()})
     return y.detach(), grads, {n: b.detach().clone() for n, b in model.named_buffers()}
-
-
-def assert_relative(fused, unfused, ref64, what, atol_rel=1e-5, elementwise=True):
-    """STYLE.md's oracle: |fused - ref64| <= 2 |unfused32 - ref64| + atol (atol relative to max|ref64|),
-    elementwise, or with elementwise=False on the per-tensor maxima of the errors."""
-    assert fused.shape == unfused.shape == ref64.shape, what
-    ref = ref64.double()
-    err_f = (fused.double() - ref).abs()
-    err_u = (unfused.double() - ref).abs()
-    if not elementwise:
-        err_f, err_u = err_f.max(), err_u.max()
-    atol = atol_rel * ref.abs().max().item() + 1e-30
-    bad = err_f > 2 * err_u + atol
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} elements off; max fused err "
-                           f"{err_f.max().item():.3g}, max unfused err {err_u.max().item():.3g}, atol {atol:.3g}")
 
 
 def compare_three(model, x, head_weight, modes=(True, False), grads=True, atol_rel=1e-5, elementwise=True):

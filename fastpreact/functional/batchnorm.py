@@ -43,11 +43,13 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
 
 @torch.no_grad()
 def batch_stats_torch(x):
-    """Per-channel mean and biased variance of NCHW x in fp32 (two-pass: numerically safe)."""
+    """Per-channel mean and biased variance of NCHW x in fp32: two passes over values shifted by each
+    channel's first value, as the kernel shifts each tile (so mean 1e3, std 1 costs no precision)."""
     xf = x.float()
-    mean = xf.mean(dim=(0, 2, 3))
-    var = (xf - mean[None, :, None, None]).square().mean(dim=(0, 2, 3))
-    return mean, var
+    d = xf - xf[:1, :, :1, :1]
+    d_mean = d.mean(dim=(0, 2, 3))
+    var = (d - d_mean[None, :, None, None]).square().mean(dim=(0, 2, 3))
+    return xf[0, :, 0, 0] + d_mean, var
 
 
 @torch.no_grad()
