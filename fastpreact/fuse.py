@@ -106,7 +106,7 @@ def _is_fastpreact_fused(m) -> bool:
     """Modules that already run the fused op (fastpreact's own fused modules, or fused by us)."""
     if _PLAN_ATTR in m.__dict__ or isinstance(m, FusedSequential):
         return True
-    return type(m).__module__.startswith(("fastpreact.modules", "fastpreact.nn"))
+    return type(m).__module__.startswith(("fastpreact.nn", "fastpreact.models.fused_units"))
 
 
 def _pattern_name(bn, n_convs: int) -> str:

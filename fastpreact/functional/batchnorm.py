@@ -1,7 +1,7 @@
 """BatchNorm's half of every fused op: which arguments an nn.BatchNorm2d stands for, the batch
 statistics, and the running-statistics update, with nn.BatchNorm2d's exact semantics.
 
-One path for statistics: `batch_norm_stats` gives (mean, biased var, rstd, uses_batch_stats) for every
+One path for statistics: `batch_norm_stats` gives (mean, biased var, rstd, use_batch_stats) for every
 op, from the producer's `input_stats`, one statistics pass, or the running statistics, and updates the
 running statistics (momentum, unbiased running variance, num_batches_tracked, momentum=None as the
 cumulative average) on the device: no host synchronisation, so a training step can be captured in a
@@ -78,7 +78,7 @@ def bn_args(bn: nn.BatchNorm2d, training: bool | None = None, shared_stats=None)
     num_batches_tracked, training, momentum, eps) that make them normalise exactly as `bn` does, in
     `training` mode (default: bn.training), running buffers passed as nn.BatchNorm2d.forward passes them.
 
-    shared_stats: (mean, var, rstd, uses_batch_stats) from bn_statistics, for a second consumer of a
+    shared_stats: (mean, var, rstd, use_batch_stats) from bn_statistics, for a second consumer of a
     pre-activation whose statistics the first consumer already took (and whose running statistics it
     already updated): batch statistics are then handed over as input_stats and no running statistics
     are given, so nothing is updated twice.
@@ -137,7 +137,7 @@ def _check_stats_args(op, x, running_mean, running_var, training, input_stats):
 
 def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked=None, *, training=True,
                      momentum=0.1, eps=1e-5, input_stats=None, op="batch_norm_stats"):
-    """(mean, biased var, rstd, uses_batch_stats), fp32 [C], that BatchNorm normalises channels-last x
+    """(mean, biased var, rstd, use_batch_stats), fp32 [C], that BatchNorm normalises channels-last x
     [N, C, H, W] with; in training the running statistics and num_batches_tracked are updated once.
 
     Batch statistics (training, or no running statistics) come from input_stats (a producer's
@@ -146,18 +146,18 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
     or in eval), all on the device.
     """
     _check_stats_args(op, x, running_mean, running_var, training, input_stats)
-    use_batch = training or running_mean is None
+    use_batch_stats = training or running_mean is None
     count = x.numel() // x.shape[1]
-    if use_batch and input_stats is not None:
+    if use_batch_stats and input_stats is not None:
         mean, var = (t.detach().float().contiguous() for t in input_stats)
-    elif not use_batch:
+    elif not use_batch_stats:
         mean, var = running_mean.detach().float().contiguous(), running_var.detach().float().contiguous()
     if not use_triton(x):
-        if use_batch and input_stats is None:
+        if use_batch_stats and input_stats is None:
             mean, var = batch_stats_torch(x)
         if training:
             update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-        return mean, var, torch.rsqrt(var + eps), use_batch
+        return mean, var, torch.rsqrt(var + eps), use_batch_stats
     ks = kernels("batch_stats")
     run = {}
     if training:
@@ -165,13 +165,13 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
             num_batches_tracked.add_(1)
         run = dict(running_mean=running_mean, running_var=running_var,
                    num_batches_tracked=num_batches_tracked, momentum=momentum)
-    if use_batch and input_stats is None:
-        return (*ks.batch_stats_rows(rows(x), poison(), eps=eps, **run), use_batch)
-    return mean, var, ks.bn_finalize(mean, var, eps, count, poison(), **run), use_batch
+    if use_batch_stats and input_stats is None:
+        return (*ks.batch_stats_rows(rows(x), poison(), eps=eps, **run), use_batch_stats)
+    return mean, var, ks.bn_finalize(mean, var, eps, count, poison(), **run), use_batch_stats
 
 
 def bn_statistics(bn: nn.BatchNorm2d, x, input_stats=None):
-    """batch_norm_stats with `bn`'s buffers, momentum, eps and mode: (mean, var, rstd, uses_batch_stats),
+    """batch_norm_stats with `bn`'s buffers, momentum, eps and mode: (mean, var, rstd, use_batch_stats),
     updating bn's running statistics once in training. x: channels-last, in the compute dtype."""
     args = bn_args(bn)
     del args["bn_weight"], args["bn_bias"]

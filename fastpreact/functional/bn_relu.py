@@ -40,13 +40,13 @@ def _bn_relu_apply(x, gamma, beta, mean, rstd):
     return F.relu(z).to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _bn_relu_backward(da, x, gamma, beta, mean, rstd, batch_stats):
+def _bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats):
     """(dx, dgamma, dbeta) of a = relu(bn(x)) given da (see the module docstring)."""
     if use_triton(x):
         k = kernels("bn_relu")
         x2d, da2d = rows(x), rows(da).contiguous()
         sums = k.bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=poison())
-        dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison=poison())
+        dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, use_batch_stats, poison=poison())
         return from_rows(dx, x.shape), sums[1] * rstd, sums[0]
     count = x.numel() // x.shape[1]
     scale = gamma.float() * rstd
@@ -55,7 +55,7 @@ def _bn_relu_backward(da, x, gamma, beta, mean, rstd, batch_stats):
     dz = torch.where(z > 0, da.float(), 0.0)
     dbeta, dgamma = dz.sum((0, 2, 3)), (dz * xc).sum((0, 2, 3)) * rstd
     dx = scale[None, :, None, None] * dz
-    if batch_stats:
+    if use_batch_stats:
         coef_b, coef_c = -scale * dbeta / count, -scale * rstd * dgamma / count
         dx = dx + coef_b[None, :, None, None] + xc * coef_c[None, :, None, None]
     return dx.to(x.dtype), dgamma, dbeta
@@ -65,15 +65,15 @@ class _BNReLU(torch.autograd.Function):
     """a = relu(bn(x)) with given statistics; saves x (not a) and recomputes the mask in backward."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, mean, rstd, batch_stats):
+    def forward(ctx, x, gamma, beta, mean, rstd, use_batch_stats):
         ctx.save_for_backward(x, gamma, beta, mean, rstd)
-        ctx.batch_stats = batch_stats
+        ctx.use_batch_stats = use_batch_stats
         return _bn_relu_apply(x, gamma, beta, mean, rstd)
 
     @staticmethod
     def backward(ctx, da):
         x, gamma, beta, mean, rstd = ctx.saved_tensors
-        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.batch_stats)
+        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None
 
 
@@ -81,12 +81,12 @@ class _BNReLUConv2d(torch.autograd.Function):
     """y = conv2d(relu(bn(x)), W): the pre-activation is recomputed in backward, never saved."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, padding, batch_stats):
+    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, padding, use_batch_stats):
         a = _bn_relu_apply(x, gamma, beta, mean, rstd)
         with autocast_off(x.device):
             y = F.conv2d(a, weight.to(a.dtype), None, stride, padding)
         ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
-        ctx.stride, ctx.padding, ctx.batch_stats = stride, padding, batch_stats
+        ctx.stride, ctx.padding, ctx.use_batch_stats = stride, padding, use_batch_stats
         return y
 
     @staticmethod
@@ -98,7 +98,7 @@ class _BNReLUConv2d(torch.autograd.Function):
                 dy.to(a.dtype), a, weight.to(a.dtype), None, [ctx.stride] * 2, [ctx.padding] * 2,
                 [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[1], False])
             del a
-            dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.batch_stats)
+            dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
         return (dx, None if dw is None else dw.to(weight.dtype), dgamma.to(gamma.dtype),
                 dbeta.to(beta.dtype), None, None, None, None, None)
 
@@ -108,10 +108,10 @@ class _BNReLUMaxPool2d(torch.autograd.Function):
     pooling's argmax instead of keeping the pre-activation and the int64 indices."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, mean, rstd, kernel_size, stride, padding, batch_stats):
+    def forward(ctx, x, gamma, beta, mean, rstd, kernel_size, stride, padding, use_batch_stats):
         y = F.max_pool2d(_bn_relu_apply(x, gamma, beta, mean, rstd), kernel_size, stride, padding)
         ctx.save_for_backward(x, gamma, beta, mean, rstd)
-        ctx.pool, ctx.batch_stats = (kernel_size, stride, padding), batch_stats
+        ctx.pool, ctx.use_batch_stats = (kernel_size, stride, padding), use_batch_stats
         return y
 
     @staticmethod
@@ -123,7 +123,7 @@ class _BNReLUMaxPool2d(torch.autograd.Function):
         da = torch.ops.aten.max_pool2d_with_indices_backward(dy.to(a.dtype), a, [k, k], [s, s], [p, p],
                                                              [1, 1], False, indices)
         del a, indices
-        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.batch_stats)
+        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None, None, None
 
 
@@ -142,23 +142,23 @@ def _prepare(x):
 def bn_relu(x, bn: nn.BatchNorm2d, input_stats=None):
     """relu(bn(x)) in one elementwise pass that saves only x; updates bn's running statistics."""
     x = _prepare(x)
-    mean, _, rstd, batch_stats = bn_statistics(bn, x, input_stats)
-    return _BNReLU.apply(x, *_affine(bn, x), mean, rstd, batch_stats)
+    mean, _, rstd, use_batch_stats = bn_statistics(bn, x, input_stats)
+    return _BNReLU.apply(x, *_affine(bn, x), mean, rstd, use_batch_stats)
 
 
 def bn_relu_conv2d(x, bn: nn.BatchNorm2d, conv: nn.Conv2d, input_stats=None, stats=None):
     """conv(relu(bn(x))) saving only x (the conv's pre-BN input), for any square-kernel conv without
     bias, groups or dilation (the 3x3 convs of the ResNets).
 
-    stats: (mean, var, rstd, uses_batch_stats) already taken by bn_statistics (a pre-activation shared
+    stats: (mean, var, rstd, use_batch_stats) already taken by bn_statistics (a pre-activation shared
     with another consumer updates the running statistics once); else they are taken here.
     """
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         raise ValueError(f"bn_relu_conv2d: conv must have no bias, groups or dilation, got {conv}")
     x = _prepare(x)
-    mean, _, rstd, batch_stats = stats if stats is not None else bn_statistics(bn, x, input_stats)
+    mean, _, rstd, use_batch_stats = stats if stats is not None else bn_statistics(bn, x, input_stats)
     return _BNReLUConv2d.apply(x, conv.weight, *_affine(bn, x), mean, rstd, conv.stride[0], conv.padding[0],
-                               batch_stats)
+                               use_batch_stats)
 
 
 def bn_relu_max_pool2d(x, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, input_stats=None):
@@ -167,5 +167,5 @@ def bn_relu_max_pool2d(x, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, input_stats=No
     if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
         raise ValueError(f"bn_relu_max_pool2d: pool must have no dilation, ceil_mode or indices, got {pool}")
     x = _prepare(x)
-    mean, _, rstd, batch_stats = bn_statistics(bn, x, input_stats)
-    return _BNReLUMaxPool2d.apply(x, *_affine(bn, x), mean, rstd, k, s, p, batch_stats)
+    mean, _, rstd, use_batch_stats = bn_statistics(bn, x, input_stats)
+    return _BNReLUMaxPool2d.apply(x, *_affine(bn, x), mean, rstd, k, s, p, use_batch_stats)

@@ -43,7 +43,7 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
     mean, rstd (nothing else, nothing as a ctx attribute)."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, batch_stats_used,
+    def forward(ctx, x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats,
                 output_stats, n_split):
         kc = kernels("bn_relu_conv1x1")
         cout = weight.shape[0]
@@ -53,7 +53,7 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
             bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
             residual=residual, n_split=n_split, out_stats=output_stats, poison=poison())
         ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
-        ctx.stride, ctx.batch_stats_used, ctx.n_split = stride, batch_stats_used, n_split
+        ctx.stride, ctx.use_batch_stats, ctx.n_split = stride, use_batch_stats, n_split
         ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
         ctx.bias_dtype = None if conv_bias is None else conv_bias.dtype
         outs = list(out) if n_split else [out]
@@ -86,7 +86,7 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
                                                               dy2=dy2, poison=poisoned)
             if need_x:
                 dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta_f, dgamma_f, stride=s,
-                                               batch_stats=ctx.batch_stats_used, poison=poisoned)
+                                               batch_stats=ctx.use_batch_stats, poison=poisoned)
             dgamma = dgamma_f.to(gamma.dtype) if need_g else None
             dbeta = dbeta_f.to(beta.dtype) if need_b else None
         dbias = None
@@ -103,7 +103,7 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
     """The fallback: the fused op's contract (what is saved, what is returned) in plain PyTorch."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, conv_bias, residual, training):
+    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, conv_bias, residual, use_batch_stats):
         # Centred first, like the kernels: exact when |mean| >> std.
         xhat = (x.float() - mean[None, :, None, None]) * rstd[None, :, None, None]
         a = F.relu(xhat * gamma[None, :, None, None] + beta[None, :, None, None]).to(x.dtype)
@@ -111,7 +111,7 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
         if residual is not None:
             y = y + residual
         ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
-        ctx.stride, ctx.training = stride, training
+        ctx.stride, ctx.use_batch_stats = stride, use_batch_stats
         ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
         return y.contiguous(memory_format=torch.channels_last)
 
@@ -131,7 +131,7 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
         dz = da * (z > 0)
         dbeta = dz.sum(dim=(0, 2, 3))
         dgamma = (dz * xhat).sum(dim=(0, 2, 3))
-        if ctx.training:
+        if ctx.use_batch_stats:
             m = x.numel() // x.shape[1]
             dx = scale[None, :, None, None] * (dz - dbeta[None, :, None, None] / m
                                                - xhat * (dgamma / m)[None, :, None, None])
@@ -207,17 +207,17 @@ def _prepare_residual(residual, x, expected_shape):
 
 def _bn_vectors(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
                 eps, input_stats):
-    """(gamma, beta, mean, rstd, uses_batch_stats) fp32, updating the running statistics in training."""
+    """(gamma, beta, mean, rstd, use_batch_stats) fp32, updating the running statistics in training."""
     c = x.shape[1]
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         check_vec(OP, name, t, c, x.device)
     # affine=False BatchNorm: gamma = 1, beta = 0 (constants, no gradient).
     gamma = bn_weight if bn_weight is not None else torch.ones(c, device=x.device)
     beta = bn_bias if bn_bias is not None else torch.zeros(c, device=x.device)
-    mean, _, rstd, use_batch = batch_norm_stats(
+    mean, _, rstd, use_batch_stats = batch_norm_stats(
         x, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum, eps=eps,
         input_stats=input_stats, op=OP)
-    return gamma.float().contiguous(), beta.float().contiguous(), mean, rstd, use_batch
+    return gamma.float().contiguous(), beta.float().contiguous(), mean, rstd, use_batch_stats
 
 
 def _out_shape(x, cout, stride):
@@ -244,15 +244,15 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     cout = conv_weight.shape[0]
     check_vec(OP, "conv_bias", conv_bias, cout, x.device)
     residual = _prepare_residual(residual, x, _out_shape(x, cout, stride))
-    gamma, beta, mean, rstd, use_batch = _bn_vectors(
+    gamma, beta, mean, rstd, use_batch_stats = _bn_vectors(
         x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         input_stats)
     if use_triton(x):
         outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual,
-                                          stride, use_batch, bool(output_stats), 0)
+                                          stride, use_batch_stats, bool(output_stats), 0)
         return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
     y = _BNReLUConv1x1Torch.apply(x, conv_weight, gamma, beta, mean, rstd, stride, conv_bias, residual,
-                                  use_batch)
+                                  use_batch_stats)
     if output_stats:
         return y, tuple(t.detach() for t in batch_stats_torch(y))
     return y
@@ -273,29 +273,29 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
     x = _prepare_x(x)
     _check_weight("w_a", w_a, x.shape[1], x.device)
     _check_weight("w_b", w_b, x.shape[1], x.device)
-    gamma, beta, mean, rstd, use_batch = _bn_vectors(
+    gamma, beta, mean, rstd, use_batch_stats = _bn_vectors(
         x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         input_stats)
     ca = w_a.shape[0]
     stats_a = None
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
-        outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a, use_batch,
-                                          bool(output_stats_a), ca)
+        outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a,
+                                          use_batch_stats, bool(output_stats_a), ca)
         y_a, y_b = outs[0], outs[1]
         if output_stats_a:
             stats_a = (outs[2][:ca], outs[3][:ca])
     elif use_triton(x):
-        outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a, use_batch,
-                                          bool(output_stats_a), 0)
+        outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a,
+                                          use_batch_stats, bool(output_stats_a), 0)
         y_a = outs[0]
         if output_stats_a:
             stats_a = (outs[1], outs[2])
-        y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b, use_batch,
-                                         False, 0)[0]
+        y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
+                                         use_batch_stats, False, 0)[0]
     else:
-        y_a = _BNReLUConv1x1Torch.apply(x, w_a, gamma, beta, mean, rstd, stride_a, None, None, use_batch)
-        y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch)
+        y_a = _BNReLUConv1x1Torch.apply(x, w_a, gamma, beta, mean, rstd, stride_a, None, None, use_batch_stats)
+        y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch_stats)
         if output_stats_a:
             stats_a = tuple(t.detach() for t in batch_stats_torch(y_a))
     return ((y_a, stats_a), y_b) if output_stats_a else (y_a, y_b)

@@ -43,7 +43,8 @@ class FusedPreActBottleneck(PreActBottleneck):
             if self.downsample is not None:
                 out = Fp.bn_relu_conv1x1_dual(
                     x, self.conv1.weight, self.downsample.weight, stride_a=self.conv1.stride[0],
-                    stride_b=self.downsample.stride[0], input_stats=stats, output_stats_a=emit, **Fp.bn_args(n1))
+                    stride_b=self.downsample.stride[0], input_stats=stats, output_stats_a=emit,
+                    **Fp.bn_args(n1))
                 (h1, stats2), shortcut = out if emit else ((out[0], None), out[1])
             else:
                 out = Fp.bn_relu_conv1x1(x, self.conv1.weight, stride=self.conv1.stride[0], input_stats=stats,

@@ -31,7 +31,7 @@ from .fused_units import fused_components
 
 __all__ = ["ResNet", "create_model", "list_archs", "IMAGENET_LAYERS"]
 
-# Units per stage of the ImageNet nets (fb.resnet.torch's preresnet.lua); basic units for 18/34, bottlenecks above.
+# Units per stage of the ImageNet nets (as in fb.resnet.torch); basic units for 18/34, bottlenecks above.
 IMAGENET_LAYERS = {
     18: ((2, 2, 2, 2), "basic"),
     34: ((3, 4, 6, 3), "basic"),
