@@ -146,7 +146,8 @@ def test_kernel_pass_runs_under_interpreter(monkeypatch):
     from fastpreact.kernels import bn_relu as kb
     calls = []
     for name in ("bn_relu_fwd", "bn_relu_bwd_reduce", "bn_relu_bwd_dx"):
-        monkeypatch.setattr(kb, name, lambda *a, _f=getattr(kb, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
+        monkeypatch.setattr(kb, name,
+                            lambda *a, _f=getattr(kb, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
     x = channels_last(torch.randn(2, 4, 4, 4)).requires_grad_()
     Fp.bn_relu(x, nn.BatchNorm2d(4)).sum().backward()
     assert calls == ["bn_relu_fwd", "bn_relu_bwd_reduce", "bn_relu_bwd_dx"]
