@@ -17,8 +17,8 @@ Batch statistics given through `input_stats` (from a producer's epilogue) are tr
 the producer: the consumer's dx above already carries the whole gradient through the mean and variance.
 
 Backends: backends.use_triton decides per call (the kernels, or this module's PyTorch math, so every
-model works anywhere). Nothing here synchronises with the host (no .item(), no
-branch on tensor values), so a training step that calls these ops can be captured in a CUDA graph.
+model works anywhere). Nothing here synchronises with the host (no .item(), no branch on tensor
+values), so a training step that calls these ops can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
