@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .distributed import destroy_process_group, dist_env, init_process_group, launch_local_workers
+from .distributed import (DEFAULT_TIMEOUT_S, destroy_process_group, dist_env, init_process_group,
+                          launch_local_workers, parse_restarts, parse_timeout)
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json,
                          list_checkpoints, load_checkpoint, newest_valid_checkpoint, remove_stale_tmp,
                          rng_state, save_checkpoint, set_rng_state)
@@ -61,7 +62,7 @@ LOG_EVERY = 20          # iterations between metrics.jsonl records (each costs o
 MAX_NONFINITE = 20      # a loss non-finite this many steps in a row stops the run
 GRAPH_WARMUP_STEPS = 3  # eager steps before capturing the CUDA graph (lazy init, autotuning, cudnn)
 # Options that describe this process, not the run: never taken over from a checkpoint on resume.
-RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers")
+RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers", "dist_timeout", "max_restarts")
 
 
 class UsageError(Exception):
@@ -115,6 +116,10 @@ def build_parser():
     g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default bf16 on GPUs that have it, off on a CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on")
     g.add_argument("--gpus", type=int, help="start this many local workers, one per GPU (DDP)")
+    g.add_argument("--max-restarts", type=parse_restarts, metavar="K",
+                   help="with --gpus: start the workers again up to K times after a failure; they resume")
+    g.add_argument("--dist-timeout", type=parse_timeout, metavar="SECONDS",
+                   help=f"a collective that waits longer fails (default {DEFAULT_TIMEOUT_S:g})")
     g.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over all ranks")
     g = p.add_argument_group("run files and evaluation")
     g.add_argument("--out", help="run folder (default runs/DATASET-ARCH-TIMESTAMP)")
@@ -156,6 +161,9 @@ def resolve_config(opts, world_size):
                              "torchrun --nproc-per-node N ... --device cpu)")
         if c.gpus > torch.cuda.device_count():
             raise UsageError(f"--gpus {c.gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if c.max_restarts is not None and c.gpus is None:
+        raise UsageError("--max-restarts restarts the workers of --gpus N; under torchrun give torchrun "
+                         "--max-restarts K")
     c.world_size = world_size
     c.batch_size = recipe["batch_size"] if c.batch_size is None else c.batch_size
     if c.batch_size < 1:
@@ -240,12 +248,12 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         opts = {k: v for k, v in vars(args).items() if v is not None}
-        launching = args.gpus is not None and args.gpus > 1 and "RANK" not in os.environ
+        launching = args.gpus is not None and (args.gpus > 1 or args.max_restarts) and "RANK" not in os.environ
         cfg = resolve_config(opts, args.gpus if launching else world_size)  # fail before any side effect
         if launching:
             if args.out is None:  # one folder for all workers, named once here
                 argv += ["--out", default_out(cfg)]
-            return launch_local_workers(args.gpus, argv, main)
+            return launch_local_workers(args.gpus, argv, main, args.max_restarts)
         return worker(opts, rank, world_size, local_rank)
     except KeyboardInterrupt:
         print("fastpreact.train: interrupted", file=sys.stderr)
@@ -320,7 +328,7 @@ def worker(opts, rank, world_size, local_rank):
     else:
         device = torch.device("cpu")
     if distributed:
-        init_process_group(device)
+        init_process_group(device, cfg.dist_timeout)
     is_main = rank == 0
 
     def say(msg):
@@ -691,7 +699,7 @@ def eval_only(opts, rank, world_size, local_rank):
         torch.cuda.set_device(device)
     distributed = world_size > 1
     if distributed:
-        init_process_group(device)
+        init_process_group(device, cfg.dist_timeout)
     from .data import build_data
     from .models import create_model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
