@@ -69,29 +69,39 @@ def wait_for(condition, proc, what):
         time.sleep(0.002)
 
 
-def worker_pid(tag, rank, attempt=0):
-    """The pid of the worker with this RANK on this attempt among the processes started with `tag`."""
-    want = {f"FASTPREACT_TEST_TAG={tag}".encode(), f"RANK={rank}".encode(),
-            f"TORCHELASTIC_RESTART_COUNT={attempt}".encode()}
+def processes():
+    """{pid: (parent pid, environ at start, command line)} of this user's processes."""
+    found = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if want <= env and b"resource_tracker" not in cmdline:
-            return int(entry)
-    return None
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = set(f.read().split(b"\0"))
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, IndexError, ValueError):
+                continue
+            found[int(entry)] = (ppid, env, cmdline)
+    return found
 
 
-def kill_worker(tag, rank):
-    pid = worker_pid(tag, rank)
-    assert pid is not None, f"no worker of rank {rank} on attempt 0 is running"
-    os.kill(pid, signal.SIGKILL)
+def kill_torchrun_worker(tag, rank):
+    """SIGKILL the worker of this RANK, on attempt 0, of the torchrun started with `tag`."""
+    want = {f"FASTPREACT_TEST_TAG={tag}".encode(), f"RANK={rank}".encode(), b"TORCHELASTIC_RESTART_COUNT=0"}
+    pids = [pid for pid, (_, env, _) in processes().items() if want <= env]
+    assert len(pids) == 1, f"workers of rank {rank} on attempt 0: {pids}"
+    os.kill(pids[0], signal.SIGKILL)
+
+
+def kill_launched_worker(launcher):
+    """SIGKILL the newest worker that the launcher process started (its workers are multiprocessing spawns,
+    which set RANK after they start)."""
+    pids = [pid for pid, (ppid, _, cmdline) in processes().items()
+            if ppid == launcher.pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline]
+    assert len(pids) == 2, f"workers of the launcher: {pids}"
+    os.kill(max(pids), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +125,7 @@ def test_torchrun_restart_after_a_lost_worker_resumes_bit_identical(reference, t
     proc = start(TORCHRUN + ["--max-restarts", "1", "-m", "fastpreact.train"] + RUN
                  + ["--out", str(out), "--resume", "auto"], tag)
     wait_for((out / "checkpoints" / "ckpt-8.pt").exists, proc, "checkpoint 8")
-    kill_worker(tag, rank=1)
+    kill_torchrun_worker(tag, rank=1)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     assert resumed_step(err, out) >= 8
@@ -154,7 +164,7 @@ def test_torchrun_worker_killed_while_writing_a_checkpoint_resumes_from_the_prev
     fd = hold_checkpoint_write(ckpt_dir, 12, proc)
     before = {p.name: p.read_bytes() for p in ckpt_dir.glob("ckpt-*.pt")}
     assert sorted(before) == ["ckpt-4.pt", "ckpt-8.pt"]
-    kill_worker(tag, rank=0)  # the writer, in the middle of torch.save
+    kill_torchrun_worker(tag, rank=0)  # the writer, in the middle of torch.save
     os.close(fd)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
@@ -168,7 +178,7 @@ def test_gpus_launcher_restarts_with_max_restarts_and_resumes_bit_identical(refe
     out, tag = tmp_path / "run", uuid.uuid4().hex
     proc = start(LAUNCH + ["1"] + RUN + ["--out", str(out)], tag)
     wait_for((out / "checkpoints" / "ckpt-8.pt").exists, proc, "checkpoint 8")
-    kill_worker(tag, rank=1)
+    kill_launched_worker(proc)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     assert "fastpreact.train: worker restart 1 of 1" in err
@@ -180,7 +190,7 @@ def test_gpus_launcher_without_max_restarts_ends_with_the_failure(tmp_path):
     out, tag = tmp_path / "run", uuid.uuid4().hex
     proc = start(LAUNCH + ["None"] + RUN + ["--out", str(out)], tag)
     wait_for((out / "checkpoints" / "ckpt-4.pt").exists, proc, "checkpoint 4")
-    kill_worker(tag, rank=1)
+    kill_launched_worker(proc)
     code, err = finish(proc)
     assert code != 0 and not (out / "final.pt").exists()
     assert "worker restart" not in err and "resuming from" not in err
