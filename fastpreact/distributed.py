@@ -169,6 +169,6 @@ def restart_argv(argv, restart_count):
 def _run_worker(entry, argv):
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart and os.environ.get("RANK") == "0":
-        print(f"fastpreact.train: worker restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}: "
-              "continuing from the newest checkpoint", file=sys.stderr, flush=True)
+        print(f"fastpreact.train: worker restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')} "
+              "after a failed worker", file=sys.stderr, flush=True)
     sys.exit(entry(restart_argv(argv, restart)))
