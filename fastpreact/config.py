@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import DATASETS
+from .distributed import DEFAULT_TIMEOUT_S, parse_restarts, parse_timeout
 
 # The paper's recipes. The 32x32 sets (CIFAR, shapes10) count in iterations, ImageNet in epochs. lr is
 # for the recipe's batch and scales linearly with --batch-size; --iters/--epochs stretch the milestones
@@ -31,7 +32,7 @@ WEIGHT_DECAY = 1e-4     # the paper's SGD, applied to every parameter unless --n
 CKPT_EVERY = 1000       # iterations; plus every epoch end. A CIFAR epoch at batch 128 is 390 iterations
 LOG_EVERY = 20          # iterations between metrics.jsonl records (each costs one device sync)
 # Options that describe this process, not the run: never taken over from a checkpoint on resume.
-RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers")
+RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers", "dist_timeout", "max_restarts")
 
 
 class UsageError(Exception):
@@ -99,6 +100,10 @@ def _device_options(p):
     g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default bf16 on GPUs that have it, off on a CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on")
     g.add_argument("--gpus", type=int, help="start this many local workers, one per GPU (DDP)")
+    g.add_argument("--max-restarts", type=parse_restarts, metavar="K",
+                   help="with --gpus: start the workers again up to K times after a failure; they resume")
+    g.add_argument("--dist-timeout", type=parse_timeout, metavar="SECONDS",
+                   help=f"a collective that waits longer fails (default {DEFAULT_TIMEOUT_S:g})")
     g.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over all ranks")
 
 
@@ -150,6 +155,9 @@ def _resolve_device(c):
                              "torchrun --nproc-per-node N ... --device cpu)")
         if c.gpus > torch.cuda.device_count():
             raise UsageError(f"--gpus {c.gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if c.max_restarts is not None and c.gpus is None:
+        raise UsageError("--max-restarts restarts the workers of --gpus N; under torchrun give torchrun "
+                         "--max-restarts K")
 
 
 def _resolve_recipe(c, recipe):

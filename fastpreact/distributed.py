@@ -1,15 +1,64 @@
 """Process groups and local worker launch for the trainer.
 
-The trainer reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); `--gpus N` starts N workers on
-this machine through torch.distributed's elastic launcher, the way `torchrun --standalone` does.
+The trainer reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
+`--gpus N` starts N workers on this machine through torch.distributed's elastic launcher, the way
+`torchrun --standalone` does, and `--max-restarts K` lets it restart them.
+
+Restarts. torchrun's agent keeps one key-value store (at MASTER_ADDR:MASTER_PORT) for the whole job, and
+a restarted worker group meets the keys the previous, dead group left there: gloo would read the dead
+workers' addresses and fail or hang. Each attempt therefore builds its process group under a key prefix
+of its own, a fresh token that the attempt's rank 0 draws and every other rank of the same attempt
+receives by a handshake (hello under the token, answer under the rank's own nonce) that a stale token can
+never complete. The restart count alone would not do: it is counted per node, and a node that rejoins
+without failing (or a replacement node) counts differently from the others.
+
+Timeouts. Every collective and every store wait gives up after --dist-timeout seconds, so a dead peer
+becomes an error that torchrun can restart from instead of a hang; NCCL runs with asynchronous error
+handling, whose watchdog ends the process when a collective exceeds the timeout.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
+import uuid
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# A collective waits for the slowest rank. Between two collectives a rank may run a training step (the
+# first one compiles and autotunes), rank 0 may evaluate and write a checkpoint (a ResNet-200 with its
+# momentum is ~0.5 GB, tens of seconds to a network file system), and at start-up the ranks build their
+# data loaders. 10 minutes covers all of that with a wide margin, and a hung collective still fails 3x
+# sooner than torch's 30-minute gloo default (NCCL's is longer still).
+DEFAULT_TIMEOUT_S = 600.0
+_ATTEMPT_KEY = "fastpreact/attempt"  # the token of the newest attempt, written by its rank 0
+_RECHECK_S = 1.0                     # a rank that read a stale token reads the key again after this
+
+
+def parse_timeout(text):
+    """argparse type of --dist-timeout: seconds, a finite number > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is None or not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (default {DEFAULT_TIMEOUT_S:g}), "
+                                         f"got {text!r}")
+    return seconds
+
+
+def parse_restarts(text):
+    """argparse type of --max-restarts: an integer >= 0."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return count
 
 
 def dist_env():
@@ -19,9 +68,63 @@ def dist_env():
     return 0, 1, 0
 
 
-def init_process_group(device: torch.device):
-    """Join the job's process group: NCCL on CUDA devices, gloo on the CPU."""
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def init_process_group(device: torch.device, timeout: float | None = None):
+    """Join the job's process group: NCCL on CUDA devices, gloo on the CPU, under this attempt's own
+    store prefix, with collectives that fail after `timeout` seconds (default DEFAULT_TIMEOUT_S)."""
+    seconds = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":  # torchrun sets it too; a user's own value wins
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    rank, world_size, _ = dist_env()
+    store = attempt_store(rank, world_size, seconds)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=seconds))
+
+
+def attempt_store(rank, world_size, timeout_s):
+    """The job's store (torchrun's agent store at MASTER_ADDR:MASTER_PORT, else one that rank 0 hosts
+    there), prefixed with a token that only this attempt's ranks share."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise RuntimeError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not; start the workers "
+                           "with torchrun (or set MASTER_ADDR and MASTER_PORT to rank 0's address)")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                         is_master=not agent_store and rank == 0, timeout=timedelta(seconds=timeout_s),
+                         multi_tenant=True)
+    return dist.PrefixStore(f"{_agree_on_attempt(base, rank, world_size, timeout_s)}/pg", base)
+
+
+def _agree_on_attempt(store, rank, world_size, timeout_s):
+    """A token that every rank of this attempt returns and no earlier attempt used.
+
+    Rank 0 draws the token, publishes it, waits for each rank's nonce under it and answers each nonce.
+    Another rank may first read the previous attempt's token (its rank 0 has not published yet): nobody
+    answers its fresh nonce there, so it reads the key again until the answer comes.
+    """
+    if rank == 0:
+        token = f"fastpreact/{uuid.uuid4().hex}"
+        store.set(_ATTEMPT_KEY, token)
+        hellos = [f"{token}/hello/{r}" for r in range(1, world_size)]
+        if hellos:
+            store.wait(hellos)  # gives up after the store's timeout
+        for key in hellos:
+            store.set(f"{token}/go/{store.get(key).decode()}", "1")
+        return token
+    nonce = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout_s
+    while True:
+        token = store.get(_ATTEMPT_KEY).decode()  # waits for the first attempt's rank 0
+        store.set(f"{token}/hello/{rank}", nonce)
+        answer = [f"{token}/go/{nonce}"]
+        recheck = min(deadline, time.monotonic() + _RECHECK_S)
+        while time.monotonic() < recheck:
+            if store.check(answer):
+                return token
+            time.sleep(0.01)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 did not join the process group within {timeout_s:g} s "
+                               "(--dist-timeout)")
 
 
 def destroy_process_group(barrier: bool = False):
@@ -30,9 +133,12 @@ def destroy_process_group(barrier: bool = False):
     dist.destroy_process_group()
 
 
-def launch_local_workers(nproc, argv, entry):
+def launch_local_workers(nproc, argv, entry, max_restarts=None):
     """Start nproc workers on this machine, each running sys.exit(entry(argv)), through torch.distributed's
-    launcher (what torchrun --standalone does); return the first failing worker's exit code, else 0."""
+    launcher (what torchrun --standalone does); return the first failing worker's exit code, else 0.
+
+    With max_restarts K, a failed worker group is started again up to K times, and the restarted workers
+    continue from the newest checkpoint (--resume auto unless --resume was given)."""
     import logging
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -40,7 +146,7 @@ def launch_local_workers(nproc, argv, entry):
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the workers report their errors
         logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"fastpreact-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts or 0,
                           start_method="spawn")
     try:
         elastic_launch(config, _run_worker)(entry, argv)
@@ -52,5 +158,17 @@ def launch_local_workers(nproc, argv, entry):
     return 0
 
 
+def restart_argv(argv, restart_count):
+    """The worker's argv on attempt `restart_count`: a restart resumes (--resume auto) unless the
+    command names what to resume from."""
+    if restart_count == 0 or any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        return list(argv)
+    return list(argv) + ["--resume", "auto"]
+
+
 def _run_worker(entry, argv):
-    sys.exit(entry(argv))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and os.environ.get("RANK") == "0":
+        print(f"fastpreact.train: worker restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')} "
+              "after a failed worker", file=sys.stderr, flush=True)
+    sys.exit(entry(restart_argv(argv, restart)))

@@ -24,7 +24,7 @@ def setup_worker(cfg, local_rank, world_size):
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        init_process_group(device)
+        init_process_group(device, cfg.dist_timeout)
     return device
 
 

@@ -43,12 +43,12 @@ def main(argv=None):
     try:
         args = build_parser(description=__doc__).parse_args(argv)
         opts = {k: v for k, v in vars(args).items() if v is not None}
-        launching = args.gpus is not None and args.gpus > 1 and "RANK" not in os.environ
+        launching = args.gpus is not None and (args.gpus > 1 or args.max_restarts) and "RANK" not in os.environ
         cfg = resolve_config(opts, args.gpus if launching else world_size)  # fail before any side effect
         if launching:
             if args.out is None:  # one folder for all workers, named once here
                 argv += ["--out", default_out(cfg)]
-            return launch_local_workers(args.gpus, argv, main)
+            return launch_local_workers(args.gpus, argv, main, args.max_restarts)
         if opts.get("eval_only") is not None:
             return evaluate_checkpoint(opts, rank, world_size, local_rank)
         return train_worker(opts, rank, world_size, local_rank)
