@@ -211,7 +211,7 @@ def _fmt(v):
 
 
 class ResultsLog:
-    """The session's results: rows appended one at a time, JSON + markdown rewritten after each."""
+    """This run's results: rows appended one at a time, JSON + markdown rewritten after each."""
 
     def __init__(self, directory: str | None = None, date: str | None = None):
         self.directory = directory or os.environ.get("FASTPREACT_RESULTS_DIR") or os.path.join(HERE, "results")

@@ -8,7 +8,8 @@
 It reads benchmarks/results/<date>-<slug>.json (written by `pytest benchmarks --benchmark`), skips CPU
 runs (tiny sizes through the Triton interpreter: never performance) unless --results names one, and
 writes the chart beside the JSON as <date>-<slug>.png. Every number comes from the file; targets
-(issue 7) are shown as met / MISSED, and a measurement that is absent says so.
+(the project's speed and memory goals for one H100) are shown as met / MISSED, and a measurement that
+is absent says so.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def op_summary(rows, net):
 
 
 def targets(rows):
-    """[(target, measured text, met: True/False/None)] for issue 7's targets."""
+    """[(target, measured text, met: True/False/None)] for the project's speed and memory targets."""
     out = []
     ts = {k: _find(rows, name="train_step", arch="resnet200", kernels=k, cuda_graph=False)
           for k in ("stock", "fused", "compile")}
@@ -152,7 +153,7 @@ def render_table(doc, source: str) -> str:
         lines.append("")
         lines.append("**CPU run at tiny sizes through the Triton interpreter: these numbers are NOT performance.**")
 
-    lines += ["", "| target (issue 7, set for one H100) | measured in this run | |", "|---|---|---|"]
+    lines += ["", "| target (set for one H100) | measured in this run | |", "|---|---|---|"]
     cpu = doc.get("device") == "cpu"
     for label, measured, met in targets(rows):
         verdict = "met" if met else ("MISSED" if met is False else "not measured")
