@@ -12,8 +12,9 @@ Variants of each net (fastpreact.models.create_model, same initial weights):
                   (resnet1001, resnet164)
 
 GPU: resnet200 (batch 64, 224 px), resnet50 (batch 64, 224 px), resnet1001 and resnet164 (batch 128,
-32 px), every variant of each (compiling resnet1001 takes minutes). CPU: resnet11 (bottleneck) and
-resnet8 (basic) at batch 2, interpreter sizes, no compile or graph rows (each says why). Synthetic data already on the device: the model is measured, not the loader (bench_loader.py
+32 px), every variant of each (compiling resnet1001 takes minutes: its compile rows run last). CPU:
+resnet11 (bottleneck) and resnet8 (basic) at batch 2, interpreter sizes, no compile or graph rows (each
+says why). Synthetic data already on the device: the model is measured, not the loader (bench_loader.py
 measures the loaders). SGD: lr 0.1, momentum 0.9, weight decay 1e-4, as the paper's recipe.
 Besides img/s and peak memory, eager rows carry saved_mb_per_img: the activations autograd keeps for
 backward per image (saved_tensors_hooks, parameters excluded), which needs no GPU to mean something,

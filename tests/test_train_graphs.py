@@ -179,7 +179,8 @@ def test_captured_step_follows_the_eager_step_and_the_lr_schedule():
         lrs.append(float(graphed.lr))
         torch.testing.assert_close(eager(images, labels), graphed(images, labels), rtol=1e-3, atol=1e-4)
     assert graphed.captured and graphed.eager_steps == GRAPH_WARMUP_STEPS
-    assert len(set(lrs)) == 3  # lr/10 (warm-up, then from step 4), lr, lr/100: the replays read the schedule's new lr from the tensor
+    # lr/10 (warm-up, then from step 4), lr, lr/100: the replays read the schedule's lr from the tensor
+    assert len(set(lrs)) == 3
     for p, q in zip(eager_run.model.parameters(), graph_run.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
 
@@ -198,7 +199,9 @@ def test_captured_fp16_step_skips_a_nonfinite_step_and_backs_off_the_scale():
     assert not torch.isfinite(loss)
     assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), before))  # step skipped
     assert run.scaler.get_scale() == scale * 0.5
-    for images, labels in data[GRAPH_WARMUP_STEPS + 1:]:
+    # Training goes on: each step whose fp16 gradients overflow halves the scale again, so within 16
+    # steps (the scale at most 2^15 / 2^16) some step's gradients are finite and it updates the weights.
+    for images, labels in data * 2:
         assert torch.isfinite(graphed(images, labels))
     assert any(not torch.equal(p, q) for p, q in zip(run.model.parameters(), before))
 
