@@ -17,8 +17,8 @@ finite check, fused SGD and the scale update. What makes it capturable:
   non-finite step is skipped inside the graph, the scaler's state stays in its own tensors and the
   checkpoint reads it as in an eager run;
 - each batch is copied into static input tensors (StaticBatch), so the batch shape is fixed.
-The graph path is the eager step's code, captured: GraphedStep(run, model, capture=False) runs the same
-step function on the same static buffers without a graph, which is how the CPU tests check it.
+The eager step and the captured one call the same function (whole_step); GraphedStep(run, model,
+capture=False) runs it on the same static buffers without a graph, which is how the CPU tests check it.
 """
 import torch
 
@@ -38,17 +38,13 @@ def make_train_step(run):
                 f"(forward, backward, {scaling}, fused SGD with the lr in a device tensor); every training batch "
                 f"must hold {cfg.batch_size} images")
         return GraphedStep(run, model)
-    fixed_scale = scale_to_hold(cfg)
+    step = whole_step(run, model)
 
     def train_step(images, labels):
-        with run.autocast():
-            loss = run.criterion(model(images), labels)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)  # skipped when the gradients are not finite
-        run.scaler.update(fixed_scale)
+        loss = step(images, labels)
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
-        return loss.detach()
+        return loss
 
     return train_step
 
@@ -67,7 +63,7 @@ def whole_step(run, model):
         with run.autocast():
             loss = run.criterion(model(images), labels)
         run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)  # fused SGD: skipped inside its kernel when found_inf is set
+        run.scaler.step(run.optimizer)  # skipped when the gradients are not finite (fused SGD: in its kernel)
         run.scaler.update(fixed_scale)
         return loss.detach()
 

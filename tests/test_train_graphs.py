@@ -165,13 +165,18 @@ def test_imagenet_batch_short_of_an_undecodable_image_is_skipped(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------------------- GPU
+@pytest.fixture
+def deterministic_cudnn(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
 def gpu_run(graphs=True, **opts):
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     return build(graphs, device="cuda", kernels="stock", **opts)
 
 
 @pytest.mark.gpu
-def test_captured_step_follows_the_eager_step_and_the_lr_schedule():
+def test_captured_step_follows_the_eager_step_and_the_lr_schedule(deterministic_cudnn):
     eager_run, graph_run = gpu_run(False, amp="off"), gpu_run(amp="off")
     eager, graphed = make_train_step(eager_run), GraphedStep(graph_run, graph_run.train_model)
     lrs = []
@@ -186,7 +191,7 @@ def test_captured_step_follows_the_eager_step_and_the_lr_schedule():
 
 
 @pytest.mark.gpu
-def test_captured_fp16_step_skips_a_nonfinite_step_and_backs_off_the_scale():
+def test_captured_fp16_step_skips_a_nonfinite_step_and_backs_off_the_scale(deterministic_cudnn):
     run = gpu_run(amp="fp16")
     graphed = GraphedStep(run, run.train_model)
     data = batches(run, STEPS)
