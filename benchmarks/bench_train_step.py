@@ -3,14 +3,18 @@
 Variants of each net (fastpreact.models.create_model, same initial weights):
   stock           kernels="stock", PyTorch eager, channels-last, bf16 autocast
   fused           kernels="fused" (the Triton kernels), eager
-  compile         torch.compile of the stock model (resnet200 and resnet50 only: compiling a 1000-layer
-                  net does not fit the time)
-  fused + graph   the fused step captured whole in a CUDA graph (resnet1001, resnet164): no launch cost
+  compile         torch.compile of the stock model
+  fused+compile   torch.compile of the fused model: inductor around the fused ops (needs the fused ops to
+                  be operators dynamo can trace; where they are not, the row says why)
+  fused + graph   the fused step captured whole in a CUDA graph (row kernels "fused", cuda_graph true:
+                  fused+graphs): no launch cost
   stock + graph   the same for stock, to separate what the graph gives from what the kernels give
+                  (resnet1001, resnet164)
 
 GPU: resnet200 (batch 64, 224 px), resnet50 (batch 64, 224 px), resnet1001 and resnet164 (batch 128,
-32 px). CPU: resnet11 (bottleneck) and resnet8 (basic) at batch 2, interpreter sizes, no compile or
-graph rows. Synthetic data already on the device: the model is measured, not the loader (bench_loader.py
+32 px), every variant of each (compiling resnet1001 takes minutes: its compile rows run last). CPU:
+resnet11 (bottleneck) and resnet8 (basic) at batch 2, interpreter sizes, no compile or graph rows (each
+says why). Synthetic data already on the device: the model is measured, not the loader (bench_loader.py
 measures the loaders). SGD: lr 0.1, momentum 0.9, weight decay 1e-4, as the paper's recipe.
 Besides img/s and peak memory, eager rows carry saved_mb_per_img: the activations autograd keeps for
 backward per image (saved_tensors_hooks, parameters excluded), which needs no GPU to mean something,
@@ -29,39 +33,44 @@ import _bench as B
 
 if B.FULL:
     NETS = {
-        "resnet200": dict(batch=64, image=224, num_classes=1000, compile=True, graph=False),
-        "resnet1001": dict(batch=128, image=32, num_classes=10, compile=False, graph=True),
-        "resnet164": dict(batch=128, image=32, num_classes=10, compile=False, graph=True),
-        "resnet50": dict(batch=64, image=224, num_classes=1000, compile=True, graph=False),
+        "resnet200": dict(batch=64, image=224, num_classes=1000, compile=True, graph=True, stock_graph=False),
+        "resnet1001": dict(batch=128, image=32, num_classes=10, compile=True, graph=True, stock_graph=True),
+        "resnet164": dict(batch=128, image=32, num_classes=10, compile=True, graph=True, stock_graph=True),
+        "resnet50": dict(batch=64, image=224, num_classes=1000, compile=True, graph=True, stock_graph=False),
     }
 else:
     NETS = {
-        "resnet11": dict(batch=2, image=8, num_classes=10, compile=True, graph=True,
+        "resnet11": dict(batch=2, image=8, num_classes=10, compile=True, graph=True, stock_graph=True,
                          stands_for="resnet200/resnet1001/resnet164/resnet50"),
-        "resnet8": dict(batch=2, image=16, num_classes=10, compile=False, graph=False,
+        "resnet8": dict(batch=2, image=16, num_classes=10, compile=False, graph=False, stock_graph=False,
                         stands_for="basic-unit nets"),
     }
-VARIANTS = (("stock", False), ("fused", False), ("compile", False), ("fused", True), ("stock", True))
+# (row kernels, CUDA graph): "compile" and "fused+compile" are torch.compile of the stock and fused models.
+VARIANTS = (("stock", False), ("fused", False), ("compile", False), ("fused+compile", False), ("fused", True),
+            ("stock", True))
+COMPILED = {"compile": "stock", "fused+compile": "fused"}  # row kernels -> the kernels of the compiled model
+IDS = {"compile": "compile-inductor", "fused+compile": "fused-inductor"}
 
 
 def _cases():
     out = []
     for arch, cfg in NETS.items():
         for kernels, graph in VARIANTS:
-            if kernels == "compile" and not cfg["compile"]:
+            if kernels in COMPILED and not cfg["compile"]:
                 continue
-            if graph and not cfg["graph"]:
+            if graph and not cfg["stock_graph" if kernels == "stock" else "graph"]:
                 continue
-            tag = "graph" if graph else ("eager" if kernels != "compile" else "inductor")
-            out.append(pytest.param(arch, kernels, graph, id=f"{arch}-{kernels}-{tag}"))
-    return out
+            tag = IDS.get(kernels, f"{kernels}-{'graph' if graph else 'eager'}")
+            out.append(pytest.param(arch, kernels, graph, id=f"{arch}-{tag}"))
+    # Compiling resnet1001 takes minutes: its compile rows run last, so a time budget cut leaves them out.
+    return sorted(out, key=lambda p: p.values[0] == "resnet1001" and p.values[1] in COMPILED)
 
 
 def build(arch, kernels, cfg):
     """Model (channels-last, on the device, train mode) and SGD optimizer; the same weights every time."""
     from fastpreact.models import create_model
     torch.manual_seed(0)
-    model = create_model(arch, cfg["num_classes"], kernels="stock" if kernels == "compile" else kernels)
+    model = create_model(arch, cfg["num_classes"], kernels=COMPILED.get(kernels, kernels))
     model = model.to(B.DEVICE, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     return model, opt
@@ -132,13 +141,13 @@ def test_train_step(benchmark, results, arch, kernels, graph):
                image_size=cfg["image"], dtype=B.DTYPE_NAME, stands_for=cfg.get("stands_for"))
     if graph and not B.ON_GPU:
         B.unavailable(results, row, "CUDA graphs need a CUDA GPU; measured by gpu_check.sh")
-    if kernels == "compile" and not B.ON_GPU:
+    if kernels in COMPILED and not B.ON_GPU:
         B.unavailable(results, row, "CPU run: no torch.compile rows for whole nets (compiling one takes "
                                     "minutes on a CPU, over the 5-minute budget); measured on a GPU")
     B.free_memory()
     try:
         model, opt = build(arch, kernels, cfg)
-        if kernels == "compile":
+        if kernels in COMPILED:
             torch._dynamo.reset()
             model = torch.compile(model)
     except Exception as exc:
@@ -151,7 +160,7 @@ def test_train_step(benchmark, results, arch, kernels, graph):
     y = torch.randint(0, cfg["num_classes"], (cfg["batch"],), generator=g).to(B.DEVICE)
 
     saved = None
-    if kernels != "compile" and not graph:  # compiled graphs save inside AOTAutograd, out of the hooks' sight
+    if kernels not in COMPILED and not graph:  # compiled graphs save inside AOTAutograd, out of the hooks' sight
         try:
             saved = saved_bytes(model, x, y) / cfg["batch"] / 1e6
         except Exception as exc:
@@ -187,5 +196,5 @@ def test_train_step(benchmark, results, arch, kernels, graph):
     row.update(ms=B.sig(seconds * 1e3), img_per_s=B.sig(cfg["batch"] / seconds),
                peak_mem_gb=None if peak is None else B.sig(peak),
                saved_mb_per_img=None if saved is None else B.sig(saved),
-               compile_s=B.sig(first_s, 3) if kernels == "compile" else None)
+               compile_s=B.sig(first_s, 3) if kernels in COMPILED else None)
     B.record(results, benchmark, row)

@@ -62,7 +62,7 @@ def _model_options(p):
     g.add_argument("--kernels", choices=("fused", "stock"), help="default fused on CUDA, stock on a CPU")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="capture forward+backward in a CUDA graph (one GPU; for the deep CIFAR nets)")
+                   help="replay the whole training step, optimizer included, from one CUDA graph (one GPU)")
 
 
 def _data_options(p):

@@ -195,8 +195,9 @@ def build_optimizer(model, cfg, device):
                   {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     else:
         params = model.parameters()
-    # fused=True: one multi-tensor kernel, and it takes the scaler's found_inf on the device (no sync).
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # fused=True: one multi-tensor kernel, and it takes the scaler's found_inf and a tensor lr on the
+    # device (no sync), which the captured step (--cuda-graphs) needs.
+    impl = {"fused": True} if device.type == "cuda" or cfg.cuda_graphs else {"foreach": True}
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
                            nesterov=cfg.nesterov, **impl)
 
@@ -260,6 +261,8 @@ def train_loop(run):
     with StopSignals() as stop, Progress(run) as progress:
         while run.step < cfg.total_iters and stop_reason is None:
             for images, labels in run.data.train:
+                if not fits_captured_step(run, train_step, images, labels):
+                    continue
                 loss = train_step(images, labels)
                 run.step += 1
                 progress.update(loss)
@@ -284,6 +287,19 @@ def train_loop(run):
                 if run.step >= cfg.total_iters or stop_reason is not None:
                     break
     return stop_reason, stop.signum
+
+
+def fits_captured_step(run, train_step, images, labels):
+    """--cuda-graphs replays a step captured for one batch shape: a training batch of another (the
+    ImageNet loader drops an undecodable file from its batch) is skipped, with one line saying so. The
+    loader moves past it and the step count does not, so the run still takes cfg.total_iters steps."""
+    fits = getattr(train_step, "fits", None)
+    if fits is None or fits(images, labels):
+        return True
+    run.say(f"warning: step {run.step}: skipped a training batch of {images.shape[0]} images: the CUDA graph "
+            f"(--cuda-graphs) replays a step captured for batches of exactly {train_step.batch_size} (the "
+            f"loader dropped undecodable images from this one)")
+    return False
 
 
 class StopSignals:
@@ -349,7 +365,8 @@ class Progress:
         (loss_total, n_finite), (worst_streak, signum) = stats.tolist(), flags.tolist()
         now = time.perf_counter()
         img_per_s = (run.step - self.last_step) * run.cfg.batch_size / max(now - self.t_last, 1e-9)
-        lr_now, epoch = run.optimizer.param_groups[0]["lr"], round(run.step / run.cfg.iters_per_epoch, 4)
+        lr_now = float(run.optimizer.param_groups[0]["lr"])  # a device tensor under --cuda-graphs
+        epoch = round(run.step / run.cfg.iters_per_epoch, 4)
         if run.is_main:
             mean_loss = loss_total / n_finite if n_finite else None
             run.log.write({"kind": "train", "step": run.step, "epoch": epoch,

@@ -1,0 +1,223 @@
+"""The whole-step CUDA graph (--cuda-graphs): what runs on a CPU without the graph (the step function with
+the optimizer inside, the lr as a tensor driven by the schedule, the static input buffers, the skip of a
+batch that does not fit, exact resume), and the capture itself on a GPU (marked gpu).
+
+On the CPU, GraphedStep(run, model, capture=False) runs the very step function the graph captures, on the
+same static buffers, and must match the eager step bit for bit: lr schedule, momentum, scaler and the
+skip of a non-finite step included.
+"""
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpreact import trainer
+from fastpreact.config import lr_at, resolve_config
+from fastpreact.train_step import GRAPH_WARMUP_STEPS, GraphedStep, StaticBatch, bind_lr_tensor, make_train_step
+
+from test_data_imagenet import _make_tree
+
+STEPS = 8  # with --iters 8 --warmup-iters 2: lr/10 for 2 steps, /10 at 4 and 6 (32k and 48k of 64k)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one order of floating-point reduction for both runs
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(graphs, device="cpu", **opts):
+    """A run at step 0 (trainer.build_run) of resnet8 on shapes10, with fused SGD, the optimizer of every
+    CUDA run (a CPU run takes foreach SGD, whose arithmetic differs in the last bit); graphs: the config
+    of a --cuda-graphs run, which the CPU option check would refuse."""
+    opts = {"dataset": "shapes10", "device": device, "arch": "resnet8", "batch_size": 16, "train_size": 128,
+            "val_size": 32, "iters": STEPS, "warmup_iters": 2, **opts}
+    cfg = resolve_config(opts, 1)
+    cfg.cuda_graphs = True  # build_optimizer: fused SGD
+    run = trainer.build_run(opts, cfg, torch.device(device), 0, 1, Path("unused"), say=lambda msg: None)
+    cfg.cuda_graphs = graphs
+    return run
+
+
+def batches(run, n, nan_at=None):
+    out = [(x.clone(), y.clone()) for (x, y), _ in zip(run.data.train, range(n))]
+    if nan_at is not None:
+        out[nan_at][0].fill_(float("nan"))  # a non-finite loss: the scaler must skip this step
+    return out
+
+
+def assert_same_state(a, b):
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(a.optimizer.state[p]["momentum_buffer"], b.optimizer.state[q]["momentum_buffer"])
+    assert a.scaler.get_scale() == b.scaler.get_scale()
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_whole_step_run_eagerly_is_bit_identical_to_the_eager_step(amp):
+    eager_run, graph_run = build(False, amp=amp), build(True, amp=amp)
+    assert eager_run.optimizer.defaults["fused"] and not eager_run.cfg.cuda_graphs
+    eager = make_train_step(eager_run)
+    whole = GraphedStep(graph_run, graph_run.train_model, capture=False)
+    lrs = []
+    for step, (images, labels) in enumerate(batches(eager_run, STEPS, nan_at=5)):
+        lrs.append(float(whole.lr))
+        assert lrs[-1] == eager_run.optimizer.param_groups[0]["lr"]
+        loss_a, loss_b = eager(images, labels), whole(images, labels)
+        torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0, equal_nan=True)
+        assert_same_state(eager_run, graph_run)
+        assert torch.isfinite(loss_b) == (step != 5)
+    cfg = graph_run.cfg
+    assert lrs == [lr_at(s, lr=cfg.lr, total_iters=cfg.total_iters, warmup_iters=cfg.warmup_iters,
+                         milestones=cfg.milestones) for s in range(STEPS)]
+    # one tensor took every value: lr/10 (warm-up and from step 4), lr, lr/100
+    assert sorted(set(lrs), reverse=True) == pytest.approx([cfg.lr, cfg.lr / 10, cfg.lr / 100])
+    assert all(g["lr"] is whole.lr for g in graph_run.optimizer.param_groups)
+
+
+def test_exact_resume_through_a_checkpoint_of_the_whole_step():
+    data = batches(build(False), STEPS)
+    straight = build(True)
+    step = GraphedStep(straight, straight.train_model, capture=False)
+    for images, labels in data:
+        step(images, labels)
+
+    first = build(True)
+    step = GraphedStep(first, first.train_model, capture=False)
+    for images, labels in data[:STEPS // 2]:
+        step(images, labels)
+    buf = io.BytesIO()  # what write_checkpoint saves: the optimizer's param groups hold the lr tensor
+    torch.save({k: getattr(first, k).state_dict() for k in ("model", "optimizer", "scaler", "scheduler")}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = build(True)
+    for k in ("model", "optimizer", "scaler", "scheduler"):
+        getattr(resumed, k).load_state_dict(ckpt[k])
+    step = GraphedStep(resumed, resumed.train_model, capture=False)
+    assert float(step.lr) == lr_at(STEPS // 2, lr=resumed.cfg.lr, total_iters=STEPS, warmup_iters=2,
+                                   milestones=resumed.cfg.milestones)
+    for images, labels in data[STEPS // 2:]:
+        step(images, labels)
+    assert_same_state(straight, resumed)
+
+
+def test_lr_tensor_binding_and_its_errors():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** s)
+    lr = bind_lr_tensor(opt, "cpu")
+    assert lr.dtype == torch.float64 and float(lr) == 0.5
+    opt.step()  # no gradients: nothing to do, but the schedule expects it first
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == 0.5 * 0.1  # filled in place
+    with pytest.raises(ValueError, match="fused SGD"):
+        bind_lr_tensor(torch.optim.SGD(model.parameters(), lr=0.1, foreach=True), "cpu")
+    two = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}], lr=0.1, fused=True)
+    with pytest.raises(ValueError, match="different lrs"):
+        bind_lr_tensor(two, "cpu")
+
+
+def test_static_batch_copies_into_fixed_tensors():
+    static = StaticBatch()
+    x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    sx, sy = static.fill(x, y)
+    assert torch.equal(sx, x) and sx.data_ptr() != x.data_ptr()
+    x2 = torch.randn(4, 3, 8, 8)
+    sx2, _ = static.fill(x2, y)
+    assert sx2.data_ptr() == sx.data_ptr() and torch.equal(sx, x2)  # the same tensors, new contents
+    assert not static.fits(x2[:3], y[:3])
+    with pytest.raises(ValueError, match="does not fit the static input"):
+        static.fill(x2[:3], y[:3])
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+def test_imagenet_batch_short_of_an_undecodable_image_is_skipped(tmp_path, monkeypatch):
+    """The torchvision loader drops a file that fails to decode from its batch; the captured step takes
+    full batches only, so the loop skips that batch with one line and still takes --iters steps."""
+    monkeypatch.setenv("FASTPREACT_CACHE", str(tmp_path / "cache"))
+    root = _make_tree(str(tmp_path / "imagenet"), with_bad=True)
+    from fastpreact.data import build_data
+    for seed in range(20):  # a seed whose first epoch plans damaged.JPEG (37 usable files: 9 batches of 4)
+        plan = build_data("imagenet", data_dir=root, batch_size=4, device="cpu", loader="torchvision",
+                          workers=0, seed=seed).train.plan
+        if any("damaged.JPEG" in p for b in range(plan.num_batches) for p, *_ in plan.batch(0, b)):
+            break
+    opts = {"dataset": "imagenet", "device": "cpu", "arch": "resnet8", "data_dir": root, "loader": "torchvision",
+            "batch_size": 4, "iters": 9, "seed": seed, "out": str(tmp_path / "run")}
+    cfg = resolve_config(opts, 1)
+    cfg.cuda_graphs, cfg.workers = True, 0
+    said = []
+    run = trainer.build_run(opts, cfg, torch.device("cpu"), 0, 1, tmp_path / "run", said.append)
+    monkeypatch.setattr(trainer, "make_train_step", lambda run: GraphedStep(run, run.train_model, capture=False))
+    trainer.open_run_files(run, None)
+    with pytest.warns(UserWarning, match="damaged.JPEG"):
+        stop_reason, _ = trainer.train_loop(run)
+    skips = [m for m in said if "skipped a training batch" in m]
+    assert stop_reason is None and run.step == 9  # the epoch's 8 full batches and one of the next
+    # one skip in epoch 0; epoch 1 plans the file again (it is dropped again) if it falls before its 2nd batch
+    assert skips and all("of 3 images" in m and "exactly 4" in m and "\n" not in m for m in skips)
+    assert run.data.train.epoch == 1
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.fixture
+def deterministic_cudnn(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
+def gpu_run(graphs=True, **opts):
+    return build(graphs, device="cuda", kernels="stock", **opts)
+
+
+@pytest.mark.gpu
+def test_captured_step_follows_the_eager_step_and_the_lr_schedule(deterministic_cudnn):
+    eager_run, graph_run = gpu_run(False, amp="off"), gpu_run(amp="off")
+    eager, graphed = make_train_step(eager_run), GraphedStep(graph_run, graph_run.train_model)
+    lrs = []
+    for images, labels in batches(eager_run, STEPS):
+        lrs.append(float(graphed.lr))
+        torch.testing.assert_close(eager(images, labels), graphed(images, labels), rtol=1e-3, atol=1e-4)
+    assert graphed.captured and graphed.eager_steps == GRAPH_WARMUP_STEPS
+    # lr/10 (warm-up, then from step 4), lr, lr/100: the replays read the schedule's lr from the tensor
+    assert len(set(lrs)) == 3
+    for p, q in zip(eager_run.model.parameters(), graph_run.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_captured_fp16_step_skips_a_nonfinite_step_and_backs_off_the_scale(deterministic_cudnn):
+    run = gpu_run(amp="fp16")
+    graphed = GraphedStep(run, run.train_model)
+    data = batches(run, STEPS)
+    for images, labels in data[:GRAPH_WARMUP_STEPS + 1]:
+        graphed(images, labels)
+    assert graphed.captured
+    before = [p.detach().clone() for p in run.model.parameters()]
+    scale = run.scaler.get_scale()
+    loss = graphed(torch.full_like(data[0][0], float("nan")), data[0][1])
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(p, q) for p, q in zip(run.model.parameters(), before))  # step skipped
+    assert run.scaler.get_scale() == scale * 0.5
+    # Training goes on: each step whose fp16 gradients overflow halves the scale again, so within 16
+    # steps (the scale at most 2^15 / 2^16) some step's gradients are finite and it updates the weights.
+    for images, labels in data * 2:
+        assert torch.isfinite(graphed(images, labels))
+    assert any(not torch.equal(p, q) for p, q in zip(run.model.parameters(), before))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_run_end_to_end(tmp_path, capsys):
+    from fastpreact import train
+    out = tmp_path / "run"
+    code = train.main(["shapes10", "--arch", "resnet8", "--batch-size", "32", "--train-size", "256",
+                       "--val-size", "64", "--iters", "12", "--cuda-graphs", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--cuda-graphs: after 3 eager steps one CUDA graph replays the whole step" in err
+    assert os.path.exists(out / "final.pt")
