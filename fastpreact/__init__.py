@@ -17,7 +17,7 @@ if _importlib_util.find_spec(__name__ + ".kernels") is None:
         "and then `pip install -e .` from the repository")
 
 from . import functional, reference  # noqa: F401
-from .modules import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
+from .nn import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
 # The function fuse shadows its module fastpreact/fuse.py (light: it imports its machinery on first
 # call). Imported here, the module is in sys.modules before any `from fastpreact.fuse import ...`, so
 # that import never rebinds fastpreact.fuse to the module.

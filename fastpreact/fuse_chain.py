@@ -17,9 +17,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import BNReLUConv1x1, BNReLUConv1x1Dual
 from . import functional as Fp
-from .models import BatchNormReLU2d
-from .nn import (FusedBasic, FusedBatchNormReLU2d, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck,
-                 FusedStem)
+from .models import FusedBasic, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck
+from .nn import BatchNormReLU2d, FusedBatchNormReLU2d, FusedStem
 
 __all__ = ["RUNS_FUSED_OP", "bn_kind", "conv1x1_ok", "runs_fused_op", "pattern_name", "timm_attr",
            "bn_relu_conv1x1_call", "bn_relu_conv1x1_dual_call"]
@@ -30,30 +29,11 @@ RUNS_FUSED_OP = (BNReLUConv1x1, BNReLUConv1x1Dual, FusedBatchNormReLU2d, FusedSt
 
 
 # ----------------------------------------------------------------------------------------------------
-# The BatchNorm arguments of the fused op, and the 1x1 convs it computes exactly
+# The 1x1 convs the fused op computes exactly
 # ----------------------------------------------------------------------------------------------------
 def conv1x1_ok(m) -> bool:
-    """A Conv2d the fused op computes exactly: 1x1, groups 1, no dilation, no padding (padding 0,
-    "valid", or "same", which is 0 on a 1x1 kernel), stride 1 or 2."""
-    if type(m) is not nn.Conv2d or isinstance(m.weight, nn.parameter.UninitializedParameter):
-        return False
-    return (m.kernel_size == (1, 1) and m.groups == 1 and m.dilation == (1, 1)
-            and m.padding in ((0, 0), "valid", "same") and m.stride in ((1, 1), (2, 2))
-            and m.weight.dtype.is_floating_point)
-
-
-def _bn_state(bn, x):
-    """The BN's parameters and the buffers nn.BatchNorm2d.forward would pass to F.batch_norm."""
-    use_buffers = (not bn.training) or bn.track_running_stats
-    weight, bias = bn.weight, bn.bias
-    if weight is None:  # affine=False: gamma 1, beta 0 (constants, no gradient)
-        weight = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
-        bias = torch.zeros(bn.num_features, device=x.device, dtype=torch.float32)
-    return weight, bias, dict(
-        running_mean=bn.running_mean if use_buffers else None,
-        running_var=bn.running_var if use_buffers else None,
-        num_batches_tracked=bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
-        training=bn.training, momentum=bn.momentum, eps=bn.eps)
+    """A Conv2d the fused op computes exactly (the op's own rule: fastpreact.functional.conv1x1_unfusable)."""
+    return Fp.conv1x1_unfusable(m) is None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,9 +93,7 @@ def bn_relu_conv1x1_call(x, bn, conv):
     """conv(relu(bn(x))) on the fused op, with the modules' own parameters and buffers."""
     if x.dtype == torch.float64:
         return conv(_pre_activation(x, bn))
-    weight, bias, state = _bn_state(bn, x)
-    return Fp.bn_relu_conv1x1(x, conv.weight, weight, bias, **state, stride=conv.stride[0],
-                              conv_bias=conv.bias)
+    return Fp.bn_relu_conv1x1(x, conv.weight, **Fp.bn_args(bn), stride=conv.stride[0], conv_bias=conv.bias)
 
 
 def bn_relu_conv1x1_dual_call(x, bn, conv_a, conv_b):
@@ -125,10 +103,7 @@ def bn_relu_conv1x1_dual_call(x, bn, conv_a, conv_b):
         return conv_a(a), conv_b(a)
     if conv_a.bias is not None or conv_b.bias is not None:  # the dual op takes no conv bias
         return _dual_with_conv_bias(x, bn, conv_a, conv_b)
-    weight, bias, state = _bn_state(bn, x)
-    return Fp.bn_relu_conv1x1_dual(x, conv_a.weight, conv_b.weight, weight, bias, state["running_mean"],
-                                   state["running_var"], num_batches_tracked=state["num_batches_tracked"],
-                                   training=state["training"], momentum=state["momentum"], eps=state["eps"],
+    return Fp.bn_relu_conv1x1_dual(x, conv_a.weight, conv_b.weight, **Fp.bn_args(bn),
                                    stride_a=conv_a.stride[0], stride_b=conv_b.stride[0])
 
 
@@ -138,17 +113,9 @@ def _dual_with_conv_bias(x, bn, conv_a, conv_b):
     Each call's backward is the full BN backward of its own dz, and BN's backward is linear in dz, so
     the two dx sum to the exact gradient.
     """
-    weight, bias, state = _bn_state(bn, x)
-    if not (state["training"] or state["running_mean"] is None):  # eval on running statistics
-        return bn_relu_conv1x1_call(x, bn, conv_a), bn_relu_conv1x1_call(x, bn, conv_b)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # statistics of x as the op will see it
-    mean, var = Fp.batch_stats(x)
-    if state["training"]:
-        Fp.update_running_stats(state["running_mean"], state["running_var"], state["num_batches_tracked"],
-                                mean, var, x.numel() // x.shape[1], state["momentum"])
-    common = dict(running_mean=None, running_var=None, num_batches_tracked=None,
-                  training=state["training"], momentum=state["momentum"], eps=state["eps"],
-                  input_stats=(mean, var))
-    return tuple(Fp.bn_relu_conv1x1(x, conv.weight, weight, bias, **common, stride=conv.stride[0],
-                                    conv_bias=conv.bias) for conv in (conv_a, conv_b))
+    stats = Fp.bn_statistics(bn, x.contiguous(memory_format=torch.channels_last))  # updates running stats once
+    shared = Fp.bn_args(bn, shared_stats=stats)
+    return tuple(Fp.bn_relu_conv1x1(x, conv.weight, **shared, stride=conv.stride[0], conv_bias=conv.bias)
+                 for conv in (conv_a, conv_b))

@@ -5,7 +5,6 @@ Tests compare kernels against these functions (usually in float64), and benchmar
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
@@ -28,8 +27,9 @@ def batch_stats(x):
     return x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
 
 
-def bn_relu(x, bn_weight, bn_bias, mean, var, eps=1e-5):
-    """relu(BN(x)) with given statistics: the elementwise pre-activation before a 3x3 conv."""
-    scale = bn_weight * torch.rsqrt(var + eps)
-    shift = bn_bias - mean * scale
-    return F.relu(x * scale[None, :, None, None] + shift[None, :, None, None])
+def bn_relu(x, bn_weight, bn_bias, running_mean=None, running_var=None, *, training=True, momentum=0.1,
+            eps=1e-5):
+    """BatchNorm2d -> ReLU, exactly as the stock modules compute it (running statistics updated in place
+    in training mode, like nn.BatchNorm2d): the pre-activation in front of a 3x3 conv."""
+    return F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias,
+                               training or running_mean is None, 0.0 if momentum is None else momentum, eps))

@@ -4,7 +4,7 @@ The pre-activation in front of a 3x3 convolution cannot ride inside a GEMM prolo
 a 1x1 (cuDNN runs the 3x3 conv), so it runs as its own pass over the channels-last activation viewed as
 a row-major matrix [M = N*H*W, C]:
 
-    forward   a = relu(z),  z = x * scale + shift,  scale = gamma * rstd,  shift = beta - mean * scale
+    forward   a = relu(z),  z = (x - mean) * scale + beta,  scale = gamma * rstd
     backward  given da (the conv's input gradient) and x (the pre-BN input, recomputed mask):
               dz = da * [z > 0]
               dbeta = sum_r dz;   dgamma = sum_r dz * xhat,  xhat = (x - mean) * rstd
@@ -12,8 +12,11 @@ a row-major matrix [M = N*H*W, C]:
                  with, in training (statistics of this batch), coef_b = -scale * dbeta / M and
                  coef_c = -scale * rstd * dgamma / M;  in eval (running statistics) both are 0.
 
-Every kernel takes the BN vectors (gamma, beta, mean, rstd) and derives scale, shift and the backward
-coefficients per channel itself, so a BN-ReLU costs no extra small launches for them.
+z is centred on the mean before scaling, as in the GEMM prologue of bn_relu_conv1x1.py: x*scale + shift
+with shift = beta - mean*scale would cancel catastrophically when |mean| >> std (mean 1e3, std 1 leaves
+fp32 ~1e-4 of absolute error in z), while x - mean is exact there. Every kernel takes the BN vectors
+(gamma, beta, mean, rstd) and derives scale and the backward coefficients per channel itself, so a
+BN-ReLU costs no extra small launches for them.
 
 Design limits: x contiguous [M, C] of fp32/fp16/bf16; all arithmetic in fp32; per-channel vectors of any
 float dtype (read as fp32). Per-channel reductions are two-stage: each program reduces a band of rows to
@@ -44,17 +47,16 @@ def _block_c(C):
 
 
 @triton.jit
-def _scale_shift(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok):
-    """Per-channel (scale, shift, mean, rstd) in fp32 for the channels `cols`."""
+def _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok):
+    """Per-channel (scale = gamma * rstd, beta, mean, rstd) in fp32 for the channels `cols`."""
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    scale = gamma * rstd
-    return scale, beta - mean * scale, mean, rstd
+    return gamma * rstd, beta, mean, rstd
 
 
-# a[r, c] = max(x[r, c] * scale[c] + shift[c], 0), stored in a's dtype.
+# a[r, c] = max((x[r, c] - mean[c]) * scale[c] + beta[c], 0), stored in a's dtype.
 @triton.jit
 def _bn_relu_fwd_kernel(
     x_ptr,        # [M, C] pre-BN input, row-major
@@ -68,16 +70,16 @@ def _bn_relu_fwd_kernel(
     col_ok = cols < C
     mask = (rows < M)[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    scale, shift, mean, rstd = _scale_shift(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok)
+    scale, beta, mean, rstd = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
+    a = tl.maximum((x - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 # Stage 1 of the backward reductions. Program (p, cb) covers row tiles p, p + P, p + 2P, ... and writes
 #   part[0, p, c] = sum_r dz[r, c]
 #   part[1, p, c] = sum_r dz[r, c] * (x[r, c] - mean[c])        (times rstd later: sum dz * xhat)
-# with dz = da * [x * scale + shift > 0] (the forward's ReLU mask, recomputed from x).
+# with dz = da * [(x - mean) * scale + beta > 0] (the forward's ReLU mask, recomputed from x).
 @triton.jit
 def _bn_relu_bwd_reduce_kernel(
     da_ptr,       # [M, C] gradient w.r.t. a = relu(bn(x)), row-major
@@ -91,7 +93,7 @@ def _bn_relu_bwd_reduce_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    scale, shift, mean, rstd = _scale_shift(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok)
+    scale, beta, mean, rstd = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok)
     acc_dz = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc_dzx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for tile in range(pid, num_row_tiles, num_programs):
@@ -100,17 +102,17 @@ def _bn_relu_bwd_reduce_kernel(
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x * scale[None, :] + shift[None, :]
-        dz = tl.where(z > 0.0, da, 0.0)  # masked lanes load da = 0
+        xc = x - mean[None, :]
+        dz = tl.where(xc * scale[None, :] + beta[None, :] > 0.0, da, 0.0)  # masked lanes load da = 0
         acc_dz += dz
-        acc_dzx += dz * (x - mean[None, :])
+        acc_dzx += dz * xc
     out = pid * C + cols
     tl.store(part_ptr + out, tl.sum(acc_dz, axis=0), mask=col_ok)
     tl.store(part_ptr + num_programs * C + out, tl.sum(acc_dzx, axis=0), mask=col_ok)
 
 
 # dx[r, c] = scale[c] * dz[r, c] + coef_b[c] + (x[r, c] - mean[c]) * coef_c[c],
-# dz = da * [x * scale + shift > 0], coef_b = -scale * dbeta / M, coef_c = -scale * rstd * dgamma / M
+# dz = da * [(x - mean) * scale + beta > 0], coef_b = -scale * dbeta / M, coef_c = -scale * rstd * dgamma / M
 # with dbeta = sums[0], dgamma = sums[1] * rstd (BATCH_STATS; without it, running statistics, both 0).
 @triton.jit
 def _bn_relu_bwd_dx_kernel(
@@ -127,17 +129,17 @@ def _bn_relu_bwd_dx_kernel(
     col_ok = cols < C
     mask = (rows < M)[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    scale, shift, mean, rstd = _scale_shift(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok)
+    scale, beta, mean, rstd = _bn_vectors(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, cols, col_ok)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = x * scale[None, :] + shift[None, :]
-    dx = scale[None, :] * tl.where(z > 0.0, da, 0.0)
+    xc = x - mean[None, :]
+    dx = scale[None, :] * tl.where(xc * scale[None, :] + beta[None, :] > 0.0, da, 0.0)
     if BATCH_STATS:
         sum_dz = tl.load(sums_ptr + cols, mask=col_ok, other=0.0)
         sum_dzx = tl.load(sums_ptr + C + cols, mask=col_ok, other=0.0)
         coef_b = -scale * sum_dz / M
         coef_c = -scale * rstd * (sum_dzx * rstd) / M
-        dx += coef_b[None, :] + (x - mean[None, :]) * coef_c[None, :]
+        dx += coef_b[None, :] + xc * coef_c[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -148,11 +150,16 @@ def _check_rows(name, t, C):
                          f"and strides {t.stride()}")
 
 
-def bn_relu_fwd(x2d, gamma, beta, mean, rstd):
+def _empty_like(t, poison):
+    """An output buffer; NaN-filled with poison (tests), so an element no program writes shows."""
+    return torch.full_like(t, float("nan")) if poison else torch.empty_like(t)
+
+
+def bn_relu_fwd(x2d, gamma, beta, mean, rstd, poison=False):
     """relu(bn(x2d)) for a contiguous [M, C] matrix with given mean and rstd; a new [M, C] matrix."""
     M, C = x2d.shape
     _check_rows("bn_relu_fwd", x2d, C)
-    a = torch.empty_like(x2d)
+    a = _empty_like(x2d, poison)
     if M == 0:
         return a
     block_c = _block_c(C)
@@ -161,27 +168,27 @@ def bn_relu_fwd(x2d, gamma, beta, mean, rstd):
     return a
 
 
-def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd):
-    """fp32 [2, C]: (sum dz, sum dz * (x - mean)) per channel, dz = da * [x*scale + shift > 0]."""
+def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False):
+    """fp32 [2, C]: (sum dz, sum dz * (x - mean)) per channel, dz = da * [(x - mean)*scale + beta > 0]."""
     M, C = x2d.shape
     _check_rows("bn_relu_bwd_reduce", x2d, C)
     _check_rows("bn_relu_bwd_reduce", da2d, C)
     block_c = _block_c(C)
     num_row_tiles = triton.cdiv(M, BLOCK_M)
     programs = max(1, min(REDUCE_PROGRAMS, num_row_tiles))
-    part = torch.empty((2, programs, C), dtype=torch.float32, device=x2d.device)
+    part = _empty_like(x2d.new_empty((2, programs, C), dtype=torch.float32), poison)
     grid = (programs, triton.cdiv(C, block_c))
     _bn_relu_bwd_reduce_kernel[grid](da2d, x2d, gamma, beta, mean, rstd, part, M, C, num_row_tiles,
                                      BLOCK_M=BLOCK_M, BLOCK_C=block_c)
     return part.sum(1)
 
 
-def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats):
+def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison=False):
     """dx of relu(bn(x)) for contiguous [M, C] matrices (x's dtype); sums from bn_relu_bwd_reduce."""
     M, C = x2d.shape
     _check_rows("bn_relu_bwd_dx", x2d, C)
     _check_rows("bn_relu_bwd_dx", da2d, C)
-    dx = torch.empty_like(x2d)
+    dx = _empty_like(x2d, poison)
     if M == 0:
         return dx
     block_c = _block_c(C)

@@ -18,9 +18,7 @@ requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != 
                                           reason="needs TRITON_INTERPRET=1 (the kernels on CPU tensors)")
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREACT_POISON", "1")
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _check(x, rtol_var=1e-5):
@@ -52,8 +50,12 @@ def test_batch_stats_many_blocks_merge():
     _check(x)
 
 
-def test_batch_stats_large_mean_is_accurate():
-    # mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 would lose the variance entirely; Chan's merge must not.
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_batch_stats_large_mean_is_accurate(backend, monkeypatch):
+    # mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 would lose the variance entirely; Chan's merge must not,
+    # nor the torch fallback's shifted two-pass.
+    if backend == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(8, 6, 24, 24, generator=g) + 1e3).contiguous(memory_format=torch.channels_last)
     mean, var = Fp.batch_stats(x)

@@ -34,6 +34,7 @@ import fastpreact
 from fastpreact import functional as Fp
 from fastpreact.fuse import fuse, fused_chains
 from fastpreact.fuse_sequential import FusedSequential
+from oracle import assert_oracle as assert_relative
 
 BN_RELU = "BatchNorm2d -> ReLU -> Conv1x1"
 BN_RELU_DUAL = "BatchNorm2d -> ReLU -> 2x Conv1x1 (shared pre-activation)"
@@ -66,21 +67,6 @@ def step(model, x, head_weight, train):
     grads = {"input": x.grad}
     grads.update({n: p.grad for n, p in model.named_parameters()})
     return y.detach(), grads, {n: b.detach().clone() for n, b in model.named_buffers()}
-
-
-def assert_relative(fused, unfused, ref64, what, atol_rel=1e-5, elementwise=True):
-    """The relative oracle: |fused - ref64| <= 2 |unfused32 - ref64| + atol (atol relative to max|ref64|),
-    elementwise, or with elementwise=False on the per-tensor maxima of the errors."""
-    assert fused.shape == unfused.shape == ref64.shape, what
-    ref = ref64.double()
-    err_f = (fused.double() - ref).abs()
-    err_u = (unfused.double() - ref).abs()
-    if not elementwise:
-        err_f, err_u = err_f.max(), err_u.max()
-    atol = atol_rel * ref.abs().max().item() + 1e-30
-    bad = err_f > 2 * err_u + atol
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} elements off; max fused err "
-                           f"{err_f.max().item():.3g}, max unfused err {err_u.max().item():.3g}, atol {atol:.3g}")
 
 
 def compare_three(model, x, head_weight, modes=(True, False), grads=True, atol_rel=1e-5, elementwise=True):
@@ -500,6 +486,7 @@ def test_fastpreact_classes_fuse_knows_are_the_exported_ones():
         assert any(getattr(p, cls.__name__, None) is cls for p in packages), cls
     exported = {fastpreact.BNReLUConv1x1, fastpreact.BNReLUConv1x1Dual}
     exported |= {c for c in vars(fastpreact.nn).values() if isinstance(c, type) and issubclass(c, nn.Module)}
+    exported.remove(fastpreact.nn.BatchNormReLU2d)  # the stock BN+ReLU module: fuse fuses it (bn_kind)
     exported |= {c for name, c in vars(fastpreact.models).items()
                  if name.startswith("Fused") and isinstance(c, type) and issubclass(c, nn.Module)}
     assert exported == set(RUNS_FUSED_OP)

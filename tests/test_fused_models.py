@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastpreact.functional as Fp
-from fastpreact.models import BatchNormReLU2d, create_model
-from fastpreact.nn import FusedBatchNormReLU2d, bn_relu_conv2d, bn_relu_max_pool2d, fused_components
-from fastpreact.nn.units import FusedPreActBottleneck
+from fastpreact.models import FusedPreActBottleneck, create_model, fused_components
+from fastpreact.nn import FusedBatchNormReLU2d
+from oracle import assert_oracle
 
 # (arch, create_model keywords, input size): with a batch of 8 every BN sees >= 32 values per channel.
 CIFAR_NET = ("resnet11", dict(widths=(4, 8, 8)), 12)  # stride on the first 1x1, projections
@@ -28,16 +28,6 @@ def channels_last(t):
     if isinstance(t, nn.Module):
         return t.to(memory_format=torch.channels_last)
     return t.contiguous(memory_format=torch.channels_last)
-
-
-def assert_oracle(fused, stock, ref64, what, atol):
-    """|fused - ref64| <= 2 |stock - ref64| + atol, elementwise."""
-    fused, stock, ref64 = fused.double(), stock.double(), ref64.double()
-    err, bound = (fused - ref64).abs(), 2 * (stock - ref64).abs() + atol
-    worst = (err - bound).argmax()
-    assert (err <= bound).all(), (f"{what}: |fused - ref64| = {err.flatten()[worst]:.3g} > "
-                                  f"{bound.flatten()[worst]:.3g} "
-                                  f"(stock error {(stock - ref64).abs().max():.3g})")
 
 
 def sgd_steps(model, x, y, steps):
@@ -157,8 +147,6 @@ def test_statistics_chained_between_kernels(monkeypatch):
     """Training forward of a fused pre-act net: every BN1 after the first unit, every BN2 and the final
     BN get their batch statistics from the producing kernel's epilogue (input_stats), and they are the
     true statistics of that input."""
-    import fastpreact.nn.bn_relu as nn_bn_relu
-    import fastpreact.nn.units as nn_units
     seen = []
 
     def spy(fn, name):
@@ -173,8 +161,8 @@ def test_statistics_chained_between_kernels(monkeypatch):
         return wrapper
     monkeypatch.setattr(Fp, "bn_relu_conv1x1_dual", spy(Fp.bn_relu_conv1x1_dual, "dual"))
     monkeypatch.setattr(Fp, "bn_relu_conv1x1", spy(Fp.bn_relu_conv1x1, "1x1"))
-    monkeypatch.setattr(nn_units, "bn_relu_conv2d", spy(nn_units.bn_relu_conv2d, "3x3"))
-    monkeypatch.setattr(nn_bn_relu, "bn_relu", spy(nn_bn_relu.bn_relu, "head"))
+    monkeypatch.setattr(Fp, "bn_relu_conv2d", spy(Fp.bn_relu_conv2d, "3x3"))
+    monkeypatch.setattr(Fp, "bn_relu", spy(Fp.bn_relu, "head"))
     torch.manual_seed(0)
     model = create_model("resnet20", 10, block="bottleneck", kernels="fused", widths=(4, 8, 8))
     model(channels_last(torch.randn(4, 3, 8, 8)))
@@ -189,78 +177,6 @@ def test_statistics_chained_between_kernels(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- pieces
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("given_stats", [False, True])
-def test_bn_relu_conv2d_matches_stock(stride, given_stats):
-    torch.manual_seed(0)
-    bn, conv = nn.BatchNorm2d(6), nn.Conv2d(6, 5, 3, stride, 1, bias=False)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
-    bn_ref, conv_ref = copy.deepcopy(bn).double(), copy.deepcopy(conv).double()
-    x = channels_last(torch.randn(4, 6, 7, 7) * 2 + 1).requires_grad_()
-    x_ref = x.detach().double().requires_grad_()
-    stats = Fp.batch_stats(x.detach()) if given_stats else None
-    y = bn_relu_conv2d(x, bn, conv, input_stats=stats)
-    y_ref = conv_ref(F.relu(bn_ref(x_ref)))
-    dy = torch.randn_like(y_ref)
-    (y.double() * dy).sum().backward()
-    (y_ref * dy).sum().backward()
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    for got, want, name in [(x.grad, x_ref.grad, "dx"), (conv.weight.grad, conv_ref.weight.grad, "dW"),
-                            (bn.weight.grad, bn_ref.weight.grad, "dgamma"),
-                            (bn.bias.grad, bn_ref.bias.grad, "dbeta"),
-                            (bn.running_mean, bn_ref.running_mean, "running_mean"),
-                            (bn.running_var, bn_ref.running_var, "running_var")]:
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
-    assert bn.num_batches_tracked == 1
-
-    # eval mode: running statistics, dx = scale * dz
-    bn.eval(), bn_ref.eval()
-    x.grad = x_ref.grad = None
-    y = bn_relu_conv2d(x, bn, conv)
-    y_ref = conv_ref(F.relu(bn_ref(x_ref)))
-    (y.double() * dy).sum().backward()
-    (y_ref * dy).sum().backward()
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
-    assert bn.num_batches_tracked == 1
-
-
-def test_fused_bn_relu_module_matches_stock():
-    torch.manual_seed(0)
-    stock = BatchNormReLU2d(5, momentum=None)  # cumulative average: the other momentum semantics
-    fused = FusedBatchNormReLU2d(5, momentum=None)
-    fused.load_state_dict(stock.state_dict())
-    for step in range(2):
-        x = channels_last(torch.randn(3, 5, 4, 6) + step).requires_grad_()
-        x2 = x.detach().clone().requires_grad_()
-        dy = torch.randn(3, 5, 4, 6)
-        (stock(x) * dy).sum().backward()
-        (fused(x2) * dy).sum().backward()
-        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
-    for k, v in stock.state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
-    torch.testing.assert_close(fused.weight.grad, stock.weight.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_bn_relu_max_pool2d_matches_stock():
-    torch.manual_seed(0)
-    bn, pool = nn.BatchNorm2d(4), nn.MaxPool2d(3, 2, 1)
-    with torch.no_grad():
-        bn.weight.uniform_(-1.5, 1.5), bn.bias.uniform_(-0.5, 0.5)  # negative scales too
-    bn_ref = copy.deepcopy(bn).double()
-    x = channels_last(torch.randn(2, 4, 9, 9)).requires_grad_()
-    x_ref = x.detach().double().requires_grad_()
-    y, y_ref = bn_relu_max_pool2d(x, bn, pool), pool(F.relu(bn_ref(x_ref)))
-    dy = torch.randn_like(y_ref)
-    (y.double() * dy).sum().backward()
-    (y_ref * dy).sum().backward()
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.weight.grad.double(), bn_ref.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.running_var.double(), bn_ref.running_var, rtol=1e-5, atol=1e-6)
-
-
 def test_pieces_save_only_their_input():
     """bn_relu_conv2d and the fused bottleneck keep no pre-activation for backward."""
     torch.manual_seed(0)
@@ -281,9 +197,7 @@ def test_pieces_save_only_their_input():
     torch.testing.assert_close(stats[1], y.detach().var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
 
 
-def test_bn_relu_conv2d_rejects_unsupported_conv():
-    with pytest.raises(ValueError, match="bn_relu_conv2d: conv must have no bias"):
-        bn_relu_conv2d(torch.randn(2, 4, 4, 4), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))
+def test_fused_components_rejects_unknown_units():
     with pytest.raises(ValueError, match="no fused version of Linear"):
         fused_components(nn.Linear)
 

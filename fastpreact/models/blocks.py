@@ -7,13 +7,13 @@ He et al., "Identity Mappings in Deep Residual Networks" (ECCV 2016, arXiv 1603.
     pre-act bottleneck:                BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1, add
 
 As in timm's resnetv2, a unit receives its building blocks as factories (`conv_layer`, `norm_layer`), so
-the fused implementation (fastpreact.nn) swaps the kernels without a second model definition. Every
+the fused implementation (fused_units.py) swaps the kernels without a second model definition. Every
 unit's forward is written as the chain of its pieces
 
     pre-activation (norm1) -> conv1 [+ projection `downsample` on the SAME pre-activation]
     -> norm2 -> conv2 [-> norm3 -> conv3] -> + shortcut
 
-and the fused units in fastpreact.nn subclass these classes, keep the same submodules (hence the same
+and the fused units of fused_units.py subclass these classes, keep the same submodules (hence the same
 state_dict keys) and only run a different forward.
 """
 from __future__ import annotations
@@ -21,29 +21,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import BatchNormReLU2d
+
 __all__ = [
     "BatchNormReLU2d", "conv2d", "PreActBasic", "PreActBottleneck", "Basic", "Bottleneck",
 ]
-
-
-class BatchNormReLU2d(nn.BatchNorm2d):
-    """BatchNorm2d followed by ReLU (or by nothing when apply_act=False), as one module.
-
-    A BatchNorm2d subclass (like timm's BatchNormAct2d), so its state_dict is exactly BatchNorm2d's and
-    checkpoints move between this, plain BatchNorm2d and the fused module of fastpreact.nn.
-    """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, apply_act=True, **kw):
-        super().__init__(num_features, eps=eps, momentum=momentum, **kw)
-        self.apply_act = apply_act
-
-    def forward(self, x):
-        x = super().forward(x)
-        # In place: BatchNorm's backward needs its input, not its output, so the ReLU may overwrite it.
-        return F.relu(x, inplace=True) if self.apply_act else x
-
-    def extra_repr(self):
-        return super().extra_repr() + f", apply_act={self.apply_act}"
 
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1):

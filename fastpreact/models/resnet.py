@@ -25,12 +25,13 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .blocks import (Basic, BatchNormReLU2d, Bottleneck, PreActBasic, PreActBottleneck, conv2d,
-                     count_main_path_layers)
+from ..nn import BatchNormReLU2d
+from .blocks import Basic, Bottleneck, PreActBasic, PreActBottleneck, conv2d, count_main_path_layers
+from .fused_units import fused_components
 
 __all__ = ["ResNet", "create_model", "list_archs", "IMAGENET_LAYERS"]
 
-# Units per stage of the ImageNet nets (PAPER.md); basic units for 18/34, bottlenecks above.
+# Units per stage of the ImageNet nets (as in fb.resnet.torch); basic units for 18/34, bottlenecks above.
 IMAGENET_LAYERS = {
     18: ((2, 2, 2, 2), "basic"),
     34: ((3, 4, 6, 3), "basic"),
@@ -61,7 +62,7 @@ class ResNet(nn.Module):
     has widths[0] channels. conv_layer/norm_layer: the factories every piece is built from; stem_cls:
     the stem's container (an nn.Sequential of conv, norm[, pool]).
     chain_stats: units implement forward_with_stats(x, stats) -> (y, stats of y), so that in training
-    the batch statistics flow from each unit's last kernel to the next unit's first (fastpreact.nn).
+    the batch statistics flow from each unit's last kernel to the next unit's first (fused_units.py).
     """
 
     def __init__(self, unit_cls, layers, widths, num_classes, *, family="cifar", preact=True,
@@ -157,7 +158,7 @@ def _arch_error(arch, why):
 
 
 def _cifar_units(depth, block, arch):
-    """Units per stage and block type of a CIFAR-family net of `depth` (DESIGN.md's rule)."""
+    """Units per stage and block type of a CIFAR-family net of `depth` (basic up to 110, bottleneck above)."""
     fits = {b: (depth - 2) % (3 * k) == 0 and depth > 2 for b, k in _BLOCK_LAYERS.items()}
     if block is None:
         if fits["basic"] and fits["bottleneck"]:
@@ -179,7 +180,7 @@ def create_model(arch, num_classes, unit="preact", kernels="stock", **kw):
     arch: resnet18/34/50/101/152/200 (ImageNet family) or any other resnetN (CIFAR family).
     num_classes: size of the FC output.
     unit: "preact" (the paper's full pre-activation) or "original" (post-activation baseline).
-    kernels: "stock" (plain PyTorch modules) or "fused" (the Triton path of fastpreact.nn); both have
+    kernels: "stock" (plain PyTorch modules) or "fused" (the Triton path of fused_units.py); both have
         the same state_dict keys and shapes.
     Keywords:
         block: "basic" | "bottleneck" (overrides the depth rule).
@@ -249,8 +250,6 @@ def create_model(arch, num_classes, unit="preact", kernels="stock", **kw):
 
     components = dict(unit_cls=UNITS[(unit, block)])
     if kernels == "fused":
-        # Imported here: fastpreact.nn builds on these blocks, and stock models never need Triton.
-        from ..nn import fused_components
         components = fused_components(components["unit_cls"])
     return ResNet(layers=layers, widths=widths, num_classes=num_classes, family=family,
                   preact=unit == "preact", zero_init_last_bn=bool(kw.get("zero_init_last_bn", False)),

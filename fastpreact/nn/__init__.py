@@ -1,14 +1,11 @@
-"""Fused network pieces: residual units and BN-ReLU modules on the fused kernels.
+"""Drop-in modules on the fused ops, each with the state_dict of the stock modules it replaces.
 
-The units subclass fastpreact.models' stock units (same submodules, same state_dict) and only change
-forward; fastpreact.models.create_model(..., kernels="fused") builds the ResNets from them.
-The functional forms (bn_relu, bn_relu_conv2d, bn_relu_max_pool2d) live in fastpreact.nn.bn_relu.
+  conv1x1   BNReLUConv1x1, BNReLUConv1x1Dual: BatchNorm2d -> ReLU -> one or two 1x1 Conv2d
+  bn_relu   BatchNormReLU2d (stock), FusedBatchNormReLU2d, FusedStem (the ImageNet stem)
+
+The functional forms live in fastpreact.functional; the residual units and nets in fastpreact.models.
 """
-from . import bn_relu  # noqa: F401  (the module; its function bn_relu is fastpreact.nn.bn_relu.bn_relu)
-from .bn_relu import (FusedBatchNormReLU2d, FusedStem, bn_relu_conv2d, bn_relu_max_pool2d,  # noqa: F401
-                      bn_statistics)
-from .units import (FusedBasic, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck,  # noqa: F401
-                    fused_components)
+from .bn_relu import BatchNormReLU2d, FusedBatchNormReLU2d, FusedStem  # noqa: F401
+from .conv1x1 import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
 
-__all__ = ["FusedBatchNormReLU2d", "FusedStem", "bn_relu_conv2d", "bn_relu_max_pool2d", "bn_statistics",
-           "FusedPreActBottleneck", "FusedPreActBasic", "FusedBottleneck", "FusedBasic", "fused_components"]
+__all__ = ["BNReLUConv1x1", "BNReLUConv1x1Dual", "BatchNormReLU2d", "FusedBatchNormReLU2d", "FusedStem"]

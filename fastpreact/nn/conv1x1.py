@@ -1,4 +1,4 @@
-"""Drop-in modules built on the fused ops.
+"""Drop-in modules for BatchNorm2d -> ReLU -> 1x1 Conv2d on the fused op (functional.bn_relu_conv1x1).
 
 BNReLUConv1x1 replaces BatchNorm2d -> ReLU -> Conv2d(1x1). It holds the original `.bn` and `.conv`
 modules, so its state_dict is exactly theirs and a checkpoint moves freely between stock and fused.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import functional as Fp
+from .. import functional as Fp
 
 __all__ = ["BNReLUConv1x1", "BNReLUConv1x1Dual"]
 
@@ -17,21 +17,12 @@ __all__ = ["BNReLUConv1x1", "BNReLUConv1x1Dual"]
 def _check_conv1x1(where, name, conv, bn):
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{where}: {name} must be nn.Conv2d, got {type(conv).__name__}")
-    if (conv.kernel_size != (1, 1) or conv.groups != 1 or conv.dilation != (1, 1)
-            or conv.padding not in ((0, 0), "valid") or conv.stride not in ((1, 1), (2, 2))):
+    why = Fp.conv1x1_unfusable(conv)
+    if why is not None:
         raise ValueError(f"{where}: {name} must be a 1x1 Conv2d with groups=1, no padding or dilation and "
-                         f"stride 1 or 2, got {conv}")
+                         f"stride 1 or 2; it is {why}: {conv}")
     if conv.in_channels != bn.num_features:
         raise ValueError(f"{where}: bn has {bn.num_features} channels but {name} expects {conv.in_channels}")
-
-
-def _bn_args(bn, training):
-    """Running-statistics arguments of the functional ops, exactly as nn.BatchNorm2d uses them."""
-    track = bn.track_running_stats
-    return dict(running_mean=bn.running_mean if (not training or track) else None,
-                running_var=bn.running_var if (not training or track) else None,
-                num_batches_tracked=bn.num_batches_tracked if training and track else None,
-                training=training, momentum=bn.momentum, eps=bn.eps)
 
 
 class BNReLUConv1x1(nn.Module):
@@ -47,8 +38,6 @@ class BNReLUConv1x1(nn.Module):
         """Wrap existing modules (their parameters and buffers are shared, not copied)."""
         if not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"BNReLUConv1x1.from_modules: bn must be nn.BatchNorm2d, got {type(bn).__name__}")
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"BNReLUConv1x1.from_modules: conv must be nn.Conv2d, got {type(conv).__name__}")
         _check_conv1x1("BNReLUConv1x1.from_modules", "conv", conv, bn)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -56,8 +45,7 @@ class BNReLUConv1x1(nn.Module):
         return self
 
     def forward(self, x, residual=None):
-        bn = self.bn
-        return Fp.bn_relu_conv1x1(x, self.conv.weight, bn.weight, bn.bias, **_bn_args(bn, self.training),
+        return Fp.bn_relu_conv1x1(x, self.conv.weight, **Fp.bn_args(self.bn, self.training),
                                   stride=self.conv.stride[0], conv_bias=self.conv.bias, residual=residual)
 
 
@@ -91,7 +79,6 @@ class BNReLUConv1x1Dual(nn.Module):
         return self
 
     def forward(self, x):
-        bn = self.bn
-        return Fp.bn_relu_conv1x1_dual(x, self.conv_a.weight, self.conv_b.weight, bn.weight, bn.bias,
-                                       **_bn_args(bn, self.training), stride_a=self.conv_a.stride[0],
+        return Fp.bn_relu_conv1x1_dual(x, self.conv_a.weight, self.conv_b.weight,
+                                       **Fp.bn_args(self.bn, self.training), stride_a=self.conv_a.stride[0],
                                        stride_b=self.conv_b.stride[0])

@@ -1,4 +1,4 @@
-"""Fused residual units: the stock units of fastpreact.models.blocks with a forward on the fused kernels.
+"""Fused residual units: the stock units of models/blocks.py with a forward on the fused kernels.
 
 Each class subclasses its stock unit and keeps its submodules (norm1, conv1, ..., downsample), so the
 state_dict keys and shapes are the stock ones and a checkpoint moves freely between kernels="stock" and
@@ -22,31 +22,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .. import functional as Fp
-from ..models.blocks import Basic, Bottleneck, PreActBasic, PreActBottleneck
-from .bn_relu import FusedBatchNormReLU2d, FusedStem, bn_relu_conv2d, bn_statistics
+from ..nn import FusedBatchNormReLU2d, FusedStem
+from .blocks import Basic, Bottleneck, PreActBasic, PreActBottleneck
 
 __all__ = ["FusedPreActBottleneck", "FusedPreActBasic", "FusedBottleneck", "FusedBasic",
            "fused_components"]
-
-
-def _bn_args(bn):
-    """The BN half of the fused ops' arguments, in train or eval mode as `bn` is."""
-    tracked = bn.track_running_stats and bn.running_mean is not None
-    return dict(running_mean=bn.running_mean if tracked else None,
-                running_var=bn.running_var if tracked else None,
-                num_batches_tracked=bn.num_batches_tracked if (bn.training and tracked) else None,
-                training=bn.training, momentum=bn.momentum, eps=bn.eps)
-
-
-def _shared_bn_args(bn, mean, var, batch_stats):
-    """BN arguments for a second consumer of a pre-activation whose statistics were already taken (and
-    whose running statistics were already updated) by the first: batch statistics are passed in and no
-    running statistics are given, so nothing is updated twice."""
-    if batch_stats:
-        return dict(running_mean=None, running_var=None, training=True, momentum=bn.momentum,
-                    eps=bn.eps, input_stats=(mean, var))
-    return dict(running_mean=bn.running_mean, running_var=bn.running_var, training=False,
-                momentum=bn.momentum, eps=bn.eps)
 
 
 class FusedPreActBottleneck(PreActBottleneck):
@@ -62,23 +42,21 @@ class FusedPreActBottleneck(PreActBottleneck):
             n1 = self.norm1
             if self.downsample is not None:
                 out = Fp.bn_relu_conv1x1_dual(
-                    x, self.conv1.weight, self.downsample.weight, n1.weight, n1.bias,
-                    stride_a=self.conv1.stride[0], stride_b=self.downsample.stride[0],
-                    input_stats=stats, output_stats_a=emit, **_bn_args(n1))
+                    x, self.conv1.weight, self.downsample.weight, stride_a=self.conv1.stride[0],
+                    stride_b=self.downsample.stride[0], input_stats=stats, output_stats_a=emit,
+                    **Fp.bn_args(n1))
                 (h1, stats2), shortcut = out if emit else ((out[0], None), out[1])
             else:
-                out = Fp.bn_relu_conv1x1(x, self.conv1.weight, n1.weight, n1.bias,
-                                         stride=self.conv1.stride[0], input_stats=stats,
-                                         output_stats=emit, **_bn_args(n1))
+                out = Fp.bn_relu_conv1x1(x, self.conv1.weight, stride=self.conv1.stride[0], input_stats=stats,
+                                         output_stats=emit, **Fp.bn_args(n1))
                 h1, stats2 = out if emit else (out, None)
                 shortcut = x
         else:  # the first ImageNet unit: the stem already applied BN-ReLU
             h1, stats2 = self.conv1(x), None
             shortcut = self.downsample(x) if self.downsample is not None else x
-        h2 = bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=stats2)
-        n3 = self.norm3
-        out = Fp.bn_relu_conv1x1(h2, self.conv3.weight, n3.weight, n3.bias, residual=shortcut,
-                                 output_stats=emit, **_bn_args(n3))
+        h2 = Fp.bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=stats2)
+        out = Fp.bn_relu_conv1x1(h2, self.conv3.weight, residual=shortcut, output_stats=emit,
+                                 **Fp.bn_args(self.norm3))
         return out if emit else (out, None)
 
 
@@ -91,20 +69,18 @@ class FusedPreActBasic(PreActBasic):
 
     def forward_with_stats(self, x, stats=None):
         if self.norm1 is not None:
-            mean, var, batch_stats = bn_statistics(self.norm1, x, stats)
-            h1 = bn_relu_conv2d(x, self.norm1, self.conv1, stats=(mean, var, batch_stats))
+            taken = Fp.bn_statistics(self.norm1, x, stats)
+            h1 = Fp.bn_relu_conv2d(x, self.norm1, self.conv1, stats=taken)
             if self.downsample is not None:
-                n1 = self.norm1
-                shortcut = Fp.bn_relu_conv1x1(x, self.downsample.weight, n1.weight, n1.bias,
-                                              stride=self.downsample.stride[0],
-                                              **_shared_bn_args(n1, mean, var, batch_stats))
+                shortcut = Fp.bn_relu_conv1x1(x, self.downsample.weight, stride=self.downsample.stride[0],
+                                              **Fp.bn_args(self.norm1, shared_stats=taken))
             else:
                 shortcut = x
         else:
             h1 = self.conv1(x)
             shortcut = self.downsample(x) if self.downsample is not None else x
         # cuDNN's 3x3 cannot emit statistics: the next unit measures its input itself.
-        return bn_relu_conv2d(h1, self.norm2, self.conv2) + shortcut, None
+        return Fp.bn_relu_conv2d(h1, self.norm2, self.conv2) + shortcut, None
 
 
 class FusedBottleneck(Bottleneck):
@@ -113,9 +89,8 @@ class FusedBottleneck(Bottleneck):
 
     def forward(self, x):
         shortcut = self.downsample(x) if self.downsample is not None else x
-        h2 = bn_relu_conv2d(self.conv1(x), self.norm1, self.conv2)
-        n2 = self.norm2
-        h3 = Fp.bn_relu_conv1x1(h2, self.conv3.weight, n2.weight, n2.bias, **_bn_args(n2))
+        h2 = Fp.bn_relu_conv2d(self.conv1(x), self.norm1, self.conv2)
+        h3 = Fp.bn_relu_conv1x1(h2, self.conv3.weight, **Fp.bn_args(self.norm2))
         return F.relu(self.norm3(h3) + shortcut)
 
 
@@ -124,7 +99,7 @@ class FusedBasic(Basic):
 
     def forward(self, x):
         shortcut = self.downsample(x) if self.downsample is not None else x
-        h2 = bn_relu_conv2d(self.conv1(x), self.norm1, self.conv2)
+        h2 = Fp.bn_relu_conv2d(self.conv1(x), self.norm1, self.conv2)
         return F.relu(self.norm2(h2) + shortcut)
 
 

@@ -1,0 +1,73 @@
+"""Where the fused ops run: the one "use Triton?" rule, the kernel modules (imported on first use) and
+the small layout helpers every op shares.
+
+Backends: "triton" (a GPU, or TRITON_INTERPRET=1 on a CPU) and "torch" (the ops' own PyTorch math, so
+every model works anywhere). float64 inputs and empty tensors always take the torch path: the kernels
+are fp32/fp16/bf16 only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+__all__ = ["backend", "use_triton", "KERNEL_DTYPES"]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """'triton' where the kernels can run on `device` (CUDA, or the CPU interpreter), else 'torch'.
+    device=None asks about the default device: CUDA when this machine has one."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        return "triton"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "torch"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The rule every op follows: the kernels run x when its device has them (backend), its dtype is one
+    they take and it is not empty; otherwise the op's PyTorch math runs."""
+    return backend(x.device) == "triton" and x.dtype in KERNEL_DTYPES and x.numel() > 0
+
+
+def poison() -> bool:
+    """Tests set FASTPREACT_POISON=1: every kernel output then starts as NaN, so an unwritten element fails."""
+    return os.environ.get("FASTPREACT_POISON") == "1"
+
+
+def kernels(name: str):
+    """The kernel module fastpreact.kernels.<name>, imported on first use: `import fastpreact` must work
+    where triton is absent (the torch backend)."""
+    import importlib
+    return importlib.import_module(f"fastpreact.kernels.{name}")
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """The [M = N*H*W, C] row-major matrix of a channels-last [N, C, H, W] tensor (copies otherwise)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def from_rows(t2d: torch.Tensor, shape) -> torch.Tensor:
+    """The channels-last [N, C, H, W] view of a [M, C] matrix."""
+    n, c, h, w = shape
+    return t2d.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype where autocast is on and x is a kernel dtype (as a conv computes), else x."""
+    if (x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+            and x.dtype in KERNEL_DTYPES):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def autocast_off(device: torch.device):
+    """Autocast disabled: the Functions cast explicitly (meta tensors, for shape-only runs, have none)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

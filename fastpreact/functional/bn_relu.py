@@ -1,0 +1,171 @@
+"""BN-ReLU as one elementwise pass, alone or feeding a (3x3) convolution or the stem's max-pool, saving
+only the pre-BN input.
+
+A pre-activation relu(bn(x)) in front of a 3x3 convolution cannot live inside a GEMM prologue the way
+it does for a 1x1 (bn_relu_conv1x1): cuDNN runs the 3x3. So (per channel, M rows, scale = gamma * rstd):
+
+    forward   a = relu(z),  z = (x - mean) * scale + beta   (one pass, kernels/bn_relu.py), y = conv(a, W),
+              free a
+    backward  recompute a from x; (da, dW) = conv backward(dy, a, W); free a;
+              dz = da * [z > 0];  dbeta = sum dz;  dgamma = sum dz * xhat,  xhat = (x - mean) * rstd
+              dx = scale * (dz - dbeta / M - xhat * dgamma / M)        (batch statistics)
+              dx = scale * dz                                          (running statistics)
+
+z is centred on the mean before scaling (as in the 1x1 op), so it stays exact when |mean| >> std.
+Saved for backward, through ctx.save_for_backward only: x, W, gamma, beta, mean, rstd; never a.
+Batch statistics may come from the producer of x (the previous kernel's epilogue, `input_stats`); they
+are constants here: the dx formula above already carries the whole gradient through mean and variance.
+
+No host synchronisation and no data-dependent host logic: CUDA graphs can capture these Functions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import autocast_dtype, autocast_off, from_rows, kernels, poison, rows, use_triton
+from .batchnorm import bn_statistics
+
+__all__ = ["bn_relu", "bn_relu_conv2d", "bn_relu_max_pool2d"]
+
+
+def _bn_relu_apply(x, gamma, beta, mean, rstd):
+    """relu((x - mean) * scale + beta) in fp32 arithmetic, stored in x's dtype, channels-last."""
+    if use_triton(x):
+        return from_rows(kernels("bn_relu").bn_relu_fwd(rows(x), gamma, beta, mean, rstd, poison=poison()),
+                         x.shape)
+    scale = gamma.float() * rstd
+    z = (x.float() - mean[None, :, None, None]) * scale[None, :, None, None] + beta.float()[None, :, None, None]
+    return F.relu(z).to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats):
+    """(dx, dgamma, dbeta) of a = relu(bn(x)) given da (see the module docstring)."""
+    if use_triton(x):
+        k = kernels("bn_relu")
+        x2d, da2d = rows(x), rows(da).contiguous()
+        sums = k.bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=poison())
+        dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, use_batch_stats, poison=poison())
+        return from_rows(dx, x.shape), sums[1] * rstd, sums[0]
+    count = x.numel() // x.shape[1]
+    scale = gamma.float() * rstd
+    xc = x.float() - mean[None, :, None, None]
+    z = xc * scale[None, :, None, None] + beta.float()[None, :, None, None]
+    dz = torch.where(z > 0, da.float(), 0.0)
+    dbeta, dgamma = dz.sum((0, 2, 3)), (dz * xc).sum((0, 2, 3)) * rstd
+    dx = scale[None, :, None, None] * dz
+    if use_batch_stats:
+        coef_b, coef_c = -scale * dbeta / count, -scale * rstd * dgamma / count
+        dx = dx + coef_b[None, :, None, None] + xc * coef_c[None, :, None, None]
+    return dx.to(x.dtype), dgamma, dbeta
+
+
+class _BNReLU(torch.autograd.Function):
+    """a = relu(bn(x)) with given statistics; saves x (not a) and recomputes the mask in backward."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, mean, rstd, use_batch_stats):
+        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        ctx.use_batch_stats = use_batch_stats
+        return _bn_relu_apply(x, gamma, beta, mean, rstd)
+
+    @staticmethod
+    def backward(ctx, da):
+        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
+        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None
+
+
+class _BNReLUConv2d(torch.autograd.Function):
+    """y = conv2d(relu(bn(x)), W): the pre-activation is recomputed in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, padding, use_batch_stats):
+        a = _bn_relu_apply(x, gamma, beta, mean, rstd)
+        with autocast_off(x.device):
+            y = F.conv2d(a, weight.to(a.dtype), None, stride, padding)
+        ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
+        ctx.stride, ctx.padding, ctx.use_batch_stats = stride, padding, use_batch_stats
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, gamma, beta, mean, rstd = ctx.saved_tensors
+        with autocast_off(x.device):
+            a = _bn_relu_apply(x, gamma, beta, mean, rstd)
+            da, dw, _ = torch.ops.aten.convolution_backward(
+                dy.to(a.dtype), a, weight.to(a.dtype), None, [ctx.stride] * 2, [ctx.padding] * 2,
+                [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[1], False])
+            del a
+            dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
+        return (dx, None if dw is None else dw.to(weight.dtype), dgamma.to(gamma.dtype),
+                dbeta.to(beta.dtype), None, None, None, None, None)
+
+
+class _BNReLUMaxPool2d(torch.autograd.Function):
+    """max_pool2d(relu(bn(x))) (the ImageNet stem): saves only x; backward recomputes relu(bn(x)) and the
+    pooling's argmax instead of keeping the pre-activation and the int64 indices."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, mean, rstd, kernel_size, stride, padding, use_batch_stats):
+        y = F.max_pool2d(_bn_relu_apply(x, gamma, beta, mean, rstd), kernel_size, stride, padding)
+        ctx.save_for_backward(x, gamma, beta, mean, rstd)
+        ctx.pool, ctx.use_batch_stats = (kernel_size, stride, padding), use_batch_stats
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gamma, beta, mean, rstd = ctx.saved_tensors
+        k, s, p = ctx.pool
+        a = _bn_relu_apply(x, gamma, beta, mean, rstd)
+        _, indices = torch.ops.aten.max_pool2d_with_indices(a, [k, k], [s, s], [p, p])
+        da = torch.ops.aten.max_pool2d_with_indices_backward(dy.to(a.dtype), a, [k, k], [s, s], [p, p],
+                                                             [1, 1], False, indices)
+        del a, indices
+        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
+        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None, None, None
+
+
+def _affine(bn, x):
+    """(gamma, beta) of bn; affine=False: constants 1 and 0 (no gradient)."""
+    if bn.weight is None:
+        c = x.shape[1]
+        return torch.ones(c, device=x.device), torch.zeros(c, device=x.device)
+    return bn.weight, bn.bias
+
+
+def _prepare(x):
+    return autocast_dtype(x).contiguous(memory_format=torch.channels_last)
+
+
+def bn_relu(x, bn: nn.BatchNorm2d, input_stats=None):
+    """relu(bn(x)) in one elementwise pass that saves only x; updates bn's running statistics."""
+    x = _prepare(x)
+    mean, _, rstd, use_batch_stats = bn_statistics(bn, x, input_stats)
+    return _BNReLU.apply(x, *_affine(bn, x), mean, rstd, use_batch_stats)
+
+
+def bn_relu_conv2d(x, bn: nn.BatchNorm2d, conv: nn.Conv2d, input_stats=None, stats=None):
+    """conv(relu(bn(x))) saving only x (the conv's pre-BN input), for any square-kernel conv without
+    bias, groups or dilation (the 3x3 convs of the ResNets).
+
+    stats: (mean, var, rstd, use_batch_stats) already taken by bn_statistics (a pre-activation shared
+    with another consumer updates the running statistics once); else they are taken here.
+    """
+    if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError(f"bn_relu_conv2d: conv must have no bias, groups or dilation, got {conv}")
+    x = _prepare(x)
+    mean, _, rstd, use_batch_stats = stats if stats is not None else bn_statistics(bn, x, input_stats)
+    return _BNReLUConv2d.apply(x, conv.weight, *_affine(bn, x), mean, rstd, conv.stride[0], conv.padding[0],
+                               use_batch_stats)
+
+
+def bn_relu_max_pool2d(x, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, input_stats=None):
+    """pool(relu(bn(x))) for a square max-pool without dilation or ceil mode, saving only x."""
+    k, s, p = (v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
+    if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
+        raise ValueError(f"bn_relu_max_pool2d: pool must have no dilation, ceil_mode or indices, got {pool}")
+    x = _prepare(x)
+    mean, _, rstd, use_batch_stats = bn_statistics(bn, x, input_stats)
+    return _BNReLUMaxPool2d.apply(x, *_affine(bn, x), mean, rstd, k, s, p, use_batch_stats)
