@@ -54,8 +54,10 @@ def _tile_mean_m2(v, mask, count):
 @triton.jit
 def _take_last_ticket(ticket_ptr, expected):
     """True in the one program that takes the last of `expected` tickets at ticket_ptr (an int32 counter
-    at 0), which it sets back to 0. The atomic orders this program's earlier stores before the ticket
-    (release) and the last program's later loads after every ticket (acquire)."""
+    at 0), which it sets back to 0. The barrier puts every thread's earlier stores before the ticket,
+    which the atomic publishes (release); the last program's later loads come after every ticket
+    (acquire)."""
+    tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1)
     last = ticket == expected - 1
     if last:

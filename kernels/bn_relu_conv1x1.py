@@ -617,20 +617,26 @@ def bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, *, stride=1
 
 
 def bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, *, stride=1, batch_stats=True,
-                           accumulate_into=None, poison=False):
+                           accumulate_into=None, add_grad=None, poison=False):
     """dx [N, K, H, W] channels-last in x's dtype from dz and the BN sums (see the kernel's comment).
 
     accumulate_into: a channels-last contiguous gradient of x's shape to ADD dx into, in place (the
-    identity shortcut's gradient); it is returned. Otherwise dx is written over dz when stride == 1
-    (dz is dead afterwards) or into a new tensor.
+    identity shortcut's gradient); it is returned. add_grad: the same addend, read only: dx + add_grad is
+    written where dx would be. Otherwise dx is written over dz when stride == 1 (dz is dead afterwards)
+    or into a new tensor.
     """
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
     M_in = Nb * H * W
+    if accumulate_into is not None and add_grad is not None:
+        raise ValueError("bn_relu_conv1x1_bwd_dx: give accumulate_into or add_grad, not both")
+    addend = accumulate_into if accumulate_into is not None else add_grad
+    if addend is not None and (addend.shape != x.shape or addend.dtype != x.dtype
+                               or not addend.is_contiguous(memory_format=torch.channels_last)):
+        name = "accumulate_into" if accumulate_into is not None else "add_grad"
+        raise ValueError(f"bn_relu_conv1x1_bwd_dx: {name} must be a channels-last contiguous {x.dtype} tensor "
+                         f"of shape {tuple(x.shape)}, got {addend.dtype} {tuple(addend.shape)}")
     if accumulate_into is not None:
-        if accumulate_into.shape != x.shape or not accumulate_into.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("bn_relu_conv1x1_bwd_dx: accumulate_into must be a channels-last contiguous "
-                             f"tensor of shape {tuple(x.shape)}, got {tuple(accumulate_into.shape)}")
         out = accumulate_into
     elif stride == 1 and dz.dtype == x.dtype and not poison:
         out = dz
@@ -638,8 +644,8 @@ def bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, *, stride=1,
         out = _empty(tuple(x.shape), x.dtype, x.device, poison, channels_last=True)
     grid = (triton.cdiv(M_in, _DX_BLOCK_M), triton.cdiv(K, _DX_BLOCK_K))
     _bn_relu_conv1x1_bwd_dx_kernel[grid](
-        x, dz, mean, rstd, gamma, dbeta, dgamma, out, out, M_in, K, H, W, Ho, Wo, 1.0 / M_in,
-        STRIDE=stride, BATCH_STATS=batch_stats, ACCUMULATE=accumulate_into is not None,
+        x, dz, mean, rstd, gamma, dbeta, dgamma, out if addend is None else addend, out, M_in, K, H, W, Ho, Wo,
+        1.0 / M_in, STRIDE=stride, BATCH_STATS=batch_stats, ACCUMULATE=addend is not None,
         BLOCK_M=_DX_BLOCK_M, BLOCK_K=_DX_BLOCK_K, num_warps=4,
     )
     return out

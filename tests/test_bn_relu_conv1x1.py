@@ -503,3 +503,46 @@ def test_production_path_without_poison(training, monkeypatch):
     monkeypatch.delenv("FASTPREACT_POISON", raising=False)
     _compare(2, 17, 5, 7, 20, 1, training, torch.float32, True, seed=9)
     _compare(2, 17, 5, 7, 20, 1, training, torch.float16, False, seed=9)
+
+
+@requires_interpreter
+def test_shortcut_grad_is_added_in_the_dx_pass():
+    """An identity unit's two fused 1x1 calls linked by a ShortcutGrad: the residual's gradient reaches x
+    through the first call's dx pass (no gradient add launched), equal to the unlinked computation."""
+    g = torch.Generator().manual_seed(7)
+    x0 = (torch.randn(2, 8, 5, 6, generator=g) + 0.3).contiguous(memory_format=torch.channels_last)
+    w1, w2 = torch.randn(4, 8, 1, 1, generator=g) / 3, torch.randn(8, 4, 1, 1, generator=g) / 2
+    bn1 = (torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g))
+    bn2 = (torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g))
+    dy = torch.randn(2, 8, 5, 6, generator=g)
+    grads, adds = {}, {}
+    for linked in (False, True):
+        x = x0.clone().requires_grad_()
+        params = [t.clone().requires_grad_() for t in (w1, w2, *bn1, *bn2)]
+        link = Fp.ShortcutGrad() if linked else None
+        h = Fp.bn_relu_conv1x1(x, params[0], params[2], params[3], shortcut_grad=link)
+        y = Fp.bn_relu_conv1x1(h, params[1], params[4], params[5], residual=x, shortcut_grad=link)
+        seen = []
+        with _AtenOps(seen):
+            y.backward(dy)
+        adds[linked] = seen.count("add")
+        grads[linked] = [x.grad] + [p.grad for p in params]
+        if linked:
+            assert link.grad is None  # handed over and released
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert adds[True] == adds[False] - 1
+    with pytest.raises(TypeError, match="shortcut_grad must be a ShortcutGrad"):
+        Fp.bn_relu_conv1x1(x0, w1, *bn1, shortcut_grad=object())
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the aten ops that run."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -142,8 +142,8 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
 
     Batch statistics (training, or no running statistics) come from input_stats (a producer's
     epilogue) when given, else from one statistics pass; eval uses the running statistics. On the
-    Triton backend the statistics, rstd and the running update take two launches (one with input_stats
-    or in eval), all on the device.
+    Triton backend the statistics, rstd, the running update and num_batches_tracked's increment take
+    one launch, all on the device.
     """
     _check_stats_args(op, x, running_mean, running_var, training, input_stats)
     use_batch_stats = training or running_mean is None
@@ -161,10 +161,8 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
     ks = kernels("batch_stats")
     run = {}
     if training:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
         run = dict(running_mean=running_mean, running_var=running_var,
-                   num_batches_tracked=num_batches_tracked, momentum=momentum)
+                   num_batches_tracked=num_batches_tracked, momentum=momentum, increment_nbt=True)
     if use_batch_stats and input_stats is None:
         return (*ks.batch_stats_rows(rows(x), poison(), eps=eps, **run), use_batch_stats)
     return mean, var, ks.bn_finalize(mean, var, eps, count, poison(), **run), use_batch_stats

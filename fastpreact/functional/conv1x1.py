@@ -29,7 +29,7 @@ from torch import nn
 from .backends import autocast_dtype, kernels, poison, use_triton
 from .batchnorm import batch_norm_stats, batch_stats_torch, check_vec
 
-__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable"]
+__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable", "ShortcutGrad"]
 
 OP = "bn_relu_conv1x1"
 
@@ -37,6 +37,43 @@ OP = "bn_relu_conv1x1"
 # ---------------------------------------------------------------------------------------------------
 # The Triton autograd Function
 # ---------------------------------------------------------------------------------------------------
+class ShortcutGrad:
+    """An identity shortcut's gradient, handed between the two fused 1x1 calls of one residual unit: the
+    call that reads x (shortcut_grad=slot, no residual) and the later call that adds x back
+    (residual=x, shortcut_grad=slot, its output computed from the first call's). The later call's
+    backward leaves the residual's gradient here instead of returning it, and the first call's dx pass
+    adds it, so no separate gradient add is launched. Make one per forward; Triton calls only (the
+    torch fallback returns the gradient as usual)."""
+
+    __slots__ = ("armed", "grad")
+
+    def __init__(self):
+        self.armed, self.grad = None, None  # armed: (shape, dtype) of the receiving call's x
+
+
+def _link_shortcut(ctx, shortcut, x, residual):
+    """Arm `shortcut` for the receiving call (no residual) or take it for the sending one (residual of
+    the receiver's x's shape and dtype); ctx.shortcut is the slot this call uses, or None."""
+    ctx.shortcut = None
+    if shortcut is None:
+        return
+    if residual is None:
+        shortcut.armed, shortcut.grad = (tuple(x.shape), x.dtype), None
+        ctx.shortcut = shortcut
+    elif shortcut.armed == (tuple(residual.shape), residual.dtype):
+        ctx.shortcut = shortcut
+
+
+def _grad_in(g, x, channels, stride):
+    """An output's gradient as the kernels take it: x's dtype, channels-last contiguous; None (the output
+    does not reach the loss) is 0."""
+    if g is None:
+        n, _, h, w = x.shape
+        shape = (n, channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        return x.new_zeros(shape).contiguous(memory_format=torch.channels_last)
+    return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
 class _BNReLUConv1x1Triton(torch.autograd.Function):
     """relu((x - mean)*gamma*rstd + beta) (*) W on the fused kernels. Outputs: y (or y_a, y_b when
     n_split > 0), then (mean, var) of the output as stored when output_stats. Saves x, W, gamma, beta,
@@ -44,10 +81,13 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats,
-                output_stats, n_split):
+                output_stats, n_split, shortcut=None):
         kc = kernels("bn_relu_conv1x1")
+        _link_shortcut(ctx, shortcut, x, residual)
         cout = weight.shape[0]
-        w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
+        w2d = weight.reshape(cout, -1).contiguous()  # the kernels round it to x's dtype as they load it
+        # The statistics outputs take no gradient: backward gets None for them, not zeros filled per call.
+        ctx.set_materialize_grads(False)
         out, stats = kc.bn_relu_conv1x1_fwd(
             x, w2d, mean, rstd, gamma, beta, stride=stride,
             bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
@@ -68,32 +108,36 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
         kc = kernels("bn_relu_conv1x1")
         s, n_split = ctx.stride, ctx.n_split
         poisoned = poison()
-
-        def as_cl(g):
-            return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
-
-        dy = as_cl(grads[0])
-        dy2 = as_cl(grads[1]) if n_split else None
         cout = weight.shape[0]
+        splits = (n_split, cout - n_split) if n_split else (cout,)
+        if all(g is None for g in grads[:len(splits)]):  # no output reaches the loss
+            return (None,) * 13
+        dy, *dy2 = (_grad_in(g, x, c, s) for g, c in zip(grads, splits))
+        dy2 = dy2[0] if n_split else None
         need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
-        dx = dw = dgamma = dbeta = None
+        dx = dw = dgamma = dbeta = shortcut_grad = None
+        if ctx.shortcut is not None and not ctx.has_residual:  # the identity shortcut's gradient, if sent
+            shortcut_grad, ctx.shortcut.grad = ctx.shortcut.grad, None
         if need_w:
-            dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=s, dy2=dy2, poison=poisoned)
-            dw = dw.view(weight.shape).to(weight.dtype)
+            dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=s, dy2=dy2,
+                                           out_dtype=weight.dtype, poison=poisoned).view(weight.shape)
         if need_x or need_g or need_b:
-            w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
+            w2d = weight.reshape(cout, -1).contiguous()
             dz, dbeta_f, dgamma_f = kc.bn_relu_conv1x1_bwd_dz(dy, w2d, x, mean, rstd, gamma, beta, stride=s,
                                                               dy2=dy2, poison=poisoned)
             if need_x:
                 dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta_f, dgamma_f, stride=s,
-                                               batch_stats=ctx.use_batch_stats, poison=poisoned)
+                                               batch_stats=ctx.use_batch_stats, add_grad=shortcut_grad,
+                                               poison=poisoned)
             dgamma = dgamma_f.to(gamma.dtype) if need_g else None
             dbeta = dbeta_f.to(beta.dtype) if need_b else None
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[6]:
             dbias = dy.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
         dres = dy if ctx.has_residual and ctx.needs_input_grad[7] else None
-        return dx, dw, dgamma, dbeta, None, None, dbias, dres, None, None, None, None
+        if dres is not None and ctx.shortcut is not None:  # the receiving call's dx pass adds it
+            ctx.shortcut.grad, dres = dres, None
+        return dx, dw, dgamma, dbeta, None, None, dbias, dres, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +271,7 @@ def _out_shape(x, cout, stride):
 
 def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, running_var=None, *,
                     num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5, stride=1,
-                    conv_bias=None, residual=None, input_stats=None, output_stats=False):
+                    conv_bias=None, residual=None, input_stats=None, output_stats=False, shortcut_grad=None):
     """relu(BatchNorm2d(x)) followed by a 1x1 Conv2d (stride 1 or 2), optionally + residual.
 
     x: [N, C, H, W], channels-last preferred (any other layout is converted once).
@@ -235,6 +279,8 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     running_mean, running_var, num_batches_tracked: updated in place in training mode, as nn.BatchNorm2d.
     input_stats: optional (mean, biased var) fp32 [C] of x from a producer; skips the statistics pass.
     output_stats: also return (mean, biased var) fp32 [Cout] of y as stored (the next BN's statistics).
+    shortcut_grad: a ShortcutGrad shared with the unit's other fused 1x1 call (see ShortcutGrad), so that
+    x's identity-shortcut gradient is added in the dx pass.
     Under torch.autocast, x (and residual) are cast to the autocast dtype and y is in it.
     Returns y (channels-last), or (y, (mean, var)) when output_stats.
     """
@@ -247,9 +293,12 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     gamma, beta, mean, rstd, use_batch_stats = _bn_vectors(
         x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         input_stats)
+    if shortcut_grad is not None and not isinstance(shortcut_grad, ShortcutGrad):
+        raise TypeError(f"bn_relu_conv1x1: shortcut_grad must be a ShortcutGrad or None, got "
+                        f"{type(shortcut_grad).__name__}")
     if use_triton(x):
         outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual,
-                                          stride, use_batch_stats, bool(output_stats), 0)
+                                          stride, use_batch_stats, bool(output_stats), 0, shortcut_grad)
         return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
     y = _BNReLUConv1x1Torch.apply(x, conv_weight, gamma, beta, mean, rstd, stride, conv_bias, residual,
                                   use_batch_stats)

@@ -10,7 +10,10 @@ Pre-act bottleneck, training (the hot path of ResNet-164/1001/200):
                              [or bn_relu_conv1x1 when the shortcut is the identity]
     h2 = conv2(relu(norm2(h1)))   one Triton BN-ReLU pass feeding cuDNN's 3x3, recomputed in backward
     y, stats_out = bn_relu_conv1x1(h2; norm3; conv3; residual=shortcut), BN3's statistics from one
-                   batch_stats pass (cuDNN's 3x3 cannot emit them)
+                   batch_stats launch (cuDNN's 3x3 cannot emit them)
+
+With the identity shortcut, conv3's backward hands the shortcut's gradient to conv1's dx pass
+(functional.ShortcutGrad), which adds it: autograd launches no separate gradient add.
 
 stats1 are the statistics of x emitted by the previous unit's last epilogue (None for the first unit:
 measured here), stats2 come from conv1's epilogue, and stats_out (of y = conv3(...) + shortcut, as
@@ -38,6 +41,7 @@ class FusedPreActBottleneck(PreActBottleneck):
     def forward_with_stats(self, x, stats=None):
         """(unit output, its batch statistics or None); `stats`: x's batch statistics, or None."""
         emit = self.training  # statistics are only worth emitting for a consumer in training mode
+        link = None
         if self.norm1 is not None:
             n1 = self.norm1
             if self.downsample is not None:
@@ -46,9 +50,10 @@ class FusedPreActBottleneck(PreActBottleneck):
                     stride_b=self.downsample.stride[0], input_stats=stats, output_stats_a=emit,
                     **Fp.bn_args(n1))
                 (h1, stats2), shortcut = out if emit else ((out[0], None), out[1])
-            else:
+            else:  # identity shortcut: conv1's dx pass adds its gradient (sent by conv3's backward)
+                link = Fp.ShortcutGrad()
                 out = Fp.bn_relu_conv1x1(x, self.conv1.weight, stride=self.conv1.stride[0], input_stats=stats,
-                                         output_stats=emit, **Fp.bn_args(n1))
+                                         output_stats=emit, shortcut_grad=link, **Fp.bn_args(n1))
                 h1, stats2 = out if emit else (out, None)
                 shortcut = x
         else:  # the first ImageNet unit: the stem already applied BN-ReLU
@@ -56,7 +61,7 @@ class FusedPreActBottleneck(PreActBottleneck):
             shortcut = self.downsample(x) if self.downsample is not None else x
         h2 = Fp.bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=stats2)
         out = Fp.bn_relu_conv1x1(h2, self.conv3.weight, residual=shortcut, output_stats=emit,
-                                 **Fp.bn_args(self.norm3))
+                                 shortcut_grad=link if shortcut is x else None, **Fp.bn_args(self.norm3))
         return out if emit else (out, None)
 
 
