@@ -42,6 +42,8 @@ def _conv1x1_fwd(a):
     M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
     extra = e * M * N if a["HAS_RESIDUAL"] else 0
     parts = 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * N + 2 * 4 * N if a["OUT_STATS"] else 0
+    if a["OUT_FINISH"]:  # the consuming BatchNorm's rstd, and its running statistics read and written
+        parts += 4 * a["n_finish"] + (4 * 4 * a["n_finish"] if a["OUT_UPDATE_RUNNING"] else 0)
     return e * (M * K + N * K + M * N) + extra + parts + 16 * K, 2 * M * K * N
 
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_stats import _merge_chunks, _take_last_ticket, _tile_mean_m2, tickets
+from .batch_stats import _bn_finish, _count_batch, _merge_chunks, _running_args, _take_last_ticket, _tile_mean_m2, tickets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -191,7 +191,8 @@ def _bn_apply(x, mean, scale, beta):
 # dtype) as it is loaded. Optional epilogue statistics of y AS STORED (after the residual and the
 # rounding to y's dtype): per tile of BLOCK_M rows, (mean_t, M2_t about mean_t) per column; the last
 # row tile of each column block to finish (atomic ticket) merges them with Chan's formula in a fixed
-# order (kernels/batch_stats.py) and writes the mean and biased variance of y.
+# order (kernels/batch_stats.py) and writes the mean and biased variance of y; with OUT_FINISH it also
+# finishes the BatchNorm that consumes y (rstd, running statistics, num_batches_tracked: _bn_finish).
 # ---------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "K", "N"], prune_configs_by=_PRUNE, **_AUTOTUNE_EXTRA)
 @triton.jit
@@ -210,12 +211,18 @@ def _bn_relu_conv1x1_fwd_kernel(
     part_m2_ptr,      # [cdiv(M, BLOCK_M), N] fp32 per-tile M2 of y (unused unless OUT_STATS)
     stats_mean_ptr,   # [N] fp32 out: mean of y (unused unless OUT_STATS)
     stats_var_ptr,    # [N] fp32 out: biased variance of y (unused unless OUT_STATS)
-    ticket_ptr,       # [cdiv(N, BLOCK_N)] int32 tickets at 0 (unused unless OUT_STATS)
+    ticket_ptr,       # [cdiv(N, BLOCK_N) + 1] int32 tickets at 0 (unused unless OUT_STATS)
+    out_rstd_ptr,     # [n_finish] fp32 out: the consuming BatchNorm's rstd (unused unless OUT_FINISH)
+    out_rm_ptr, out_rv_ptr, out_nbt_ptr,  # its running statistics and counter (OUT_UPDATE_RUNNING, ...)
+    out_eps, out_momentum, out_unbias,    # its eps, momentum, M / (M - 1)
+    n_finish,         # columns of y the consuming BatchNorm normalises (the first output's)
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # input / output spatial size (row gather when STRIDE == 2)
     n_split,          # columns of the first output when SPLIT_OUT
     STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SPLIT_OUT: tl.constexpr, OUT_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_OUT: tl.constexpr, OUT_STATS: tl.constexpr, OUT_FINISH: tl.constexpr,
+    OUT_UPDATE_RUNNING: tl.constexpr, OUT_MOMENTUM_FROM_NBT: tl.constexpr, OUT_INCREMENT_NBT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -266,6 +273,12 @@ def _bn_relu_conv1x1_fwd_kernel(
                                               BLOCK_M, 8, BLOCK_N)
             tl.store(stats_mean_ptr + offs_n, out_mean, mask=n_ok)
             tl.store(stats_var_ptr + offs_n, out_var, mask=n_ok)
+            if OUT_FINISH:
+                num_pid_n = tl.cdiv(N, BLOCK_N)
+                _bn_finish(out_mean, out_var, offs_n, n_ok & (offs_n < n_finish), out_rstd_ptr, out_rm_ptr,
+                           out_rv_ptr, out_nbt_ptr, out_eps, out_momentum, out_unbias, True, OUT_UPDATE_RUNNING,
+                           OUT_MOMENTUM_FROM_NBT, OUT_INCREMENT_NBT)
+                _count_batch(ticket_ptr + num_pid_n, num_pid_n, out_nbt_ptr, OUT_INCREMENT_NBT)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,7 +517,7 @@ def out_size(size, stride):
 
 
 def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=None, residual=None,
-                        n_split=0, out_stats=False, poison=False):
+                        n_split=0, out_stats=False, out_bn=None, poison=False):
     """y = relu((x - mean) * gamma * rstd + beta) (*) weight2d [+ bias] [+ residual].
 
     x: [N, K, H, W] channels-last contiguous (compute dtype); weight2d: [Cout, K] contiguous (any float
@@ -512,7 +525,10 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
     mean, rstd, gamma, beta: [K] fp32 contiguous; bias: [Cout] fp32 or None;
     residual: [N, Cout, Ho, Wo] channels-last contiguous (compute dtype) or None.
     n_split > 0: two outputs with n_split and Cout - n_split channels (one GEMM).
-    Returns (y or (y_a, y_b), (mean, biased var) of the output as stored, or None).
+    out_bn (with out_stats): dict(eps, running_mean, running_var, num_batches_tracked, momentum) of the
+    BatchNorm in training that consumes y (its first n_split channels when n_split): the same launch
+    also finishes it (rstd, running-statistics update, num_batches_tracked incremented).
+    Returns (y or (y_a, y_b), (mean, biased var[, rstd with out_bn]) of the output as stored, or None).
     """
     Nb, K, H, W = x.shape
     Cout = weight2d.shape[0]
@@ -530,10 +546,11 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
         part_mean = _empty((max_blocks, Cout), torch.float32, dev, poison)
         part_m2 = _empty((max_blocks, Cout), torch.float32, dev, poison)
         stats = (_empty((Cout,), torch.float32, dev, poison), _empty((Cout,), torch.float32, dev, poison))
-        ticket = tickets(dev, triton.cdiv(Cout, _MIN_FWD_BLOCK_N))
+        ticket = tickets(dev, triton.cdiv(Cout, _MIN_FWD_BLOCK_N) + 1)
     else:
         part_mean = part_m2 = ticket = mean  # never touched (OUT_STATS is False)
         stats = None
+    fin = _finish_args(out_bn, n_split or Cout, M, dev, poison, mean)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
@@ -542,12 +559,27 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
         x, weight2d, mean, rstd, gamma, beta,
         bias if bias is not None else mean,
         residual if residual is not None else x,
-        y, y2, part_mean, part_m2, *(stats or (mean, mean)), ticket,
+        y, y2, part_mean, part_m2, *(stats or (mean, mean)), ticket, *fin["args"],
         M, K, Cout, H, W, Ho, Wo, n_split,
         STRIDE=stride, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, DOT_PRECISION=_dot_precision(dt),
+        SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, **fin["flags"], DOT_PRECISION=_dot_precision(dt),
     )
+    if out_bn is not None:
+        stats = (*stats, fin["args"][0])
     return ((y, y2) if n_split else y), stats
+
+
+def _finish_args(out_bn, channels, M, device, poison, dummy):
+    """Kernel arguments that finish the BatchNorm consuming y (out_bn, see bn_relu_conv1x1_fwd)."""
+    if out_bn is None:
+        return dict(args=(dummy,) * 4 + (0.0, 0.0, 1.0, 0),
+                    flags=dict(OUT_FINISH=False, OUT_UPDATE_RUNNING=False, OUT_MOMENTUM_FROM_NBT=False,
+                               OUT_INCREMENT_NBT=False))
+    rstd = _empty((channels,), torch.float32, device, poison)
+    run = _running_args(out_bn.get("running_mean"), out_bn.get("running_var"), out_bn.get("num_batches_tracked"),
+                        out_bn.get("momentum", 0.1), True, rstd)
+    return dict(args=(rstd, *run["ptrs"], float(out_bn["eps"]), run["momentum"], M / max(M - 1, 1), channels),
+                flags=dict(OUT_FINISH=True, **{f"OUT_{k}": v for k, v in run["flags"].items()}))
 
 
 def _dw_rows_per_split(M, K, N):
