@@ -36,21 +36,28 @@ def _nb(t) -> int:
 # its constexprs and config, and "grid"). Bytes are the compulsory traffic, each tensor once (the kernel
 # headers' formulas); fp32 partials are counted at this run's tile sizes. Returns (bytes, FLOPs).
 # ---------------------------------------------------------------------------------------------------
+# In-kernel reductions (statistics merged, partials summed by the last program to finish) write their
+# fp32 partials and read them back once: 2 x the partials' bytes, plus the reduced result.
 def _conv1x1_fwd(a):
     M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
     extra = e * M * N if a["HAS_RESIDUAL"] else 0
-    parts = 2 * 4 * -(-M // a["BLOCK_M"]) * N if a["OUT_STATS"] else 0
+    parts = 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * N + 2 * 4 * N if a["OUT_STATS"] else 0
+    if a["OUT_FINISH"]:  # the consuming BatchNorm's rstd, and its running statistics read and written
+        parts += 4 * a["n_finish"] + (4 * 4 * a["n_finish"] if a["OUT_UPDATE_RUNNING"] else 0)
     return e * (M * K + N * K + M * N) + extra + parts + 16 * K, 2 * M * K * N
 
 
 def _conv1x1_dw(a):
     M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    return e * (M * K + M * N) + 4 * a["grid"][1] * N * K + 16 * K, 2 * M * K * N
+    splits = a["grid"][1]
+    parts = 2 * 4 * splits * N * K if splits > 1 else 0
+    return e * (M * K + M * N) + parts + _nb(a["dw_ptr"]) + 16 * K, 2 * M * K * N
 
 
 def _conv1x1_dz(a):
     M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    return e * (M * N + N * K + 2 * M * K) + 2 * 4 * -(-M // a["BLOCK_M"]) * K + 16 * K, 2 * M * K * N
+    return (e * (M * N + N * K + 2 * M * K) + 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * K + 2 * 4 * K + 16 * K,
+            2 * M * K * N)
 
 
 def _conv1x1_dx(a):
@@ -59,14 +66,10 @@ def _conv1x1_dx(a):
     return e * (2 * Mi * K + M * K + (Mi * K if a["ACCUMULATE"] else 0)) + 24 * K, 0
 
 
-def _stats_partial(a):
+def _stats_fused(a):
     M, C = a["M"], a["C"]
-    return _nb(a["x_ptr"]) * M // max(a["x_ptr"].shape[0], 1) + 2 * 4 * -(-M // a["BLOCK_M"]) * C, 0
-
-
-def _stats_merge(a):
-    C = a["C"]
-    return 2 * 4 * a["num_blocks"] * C + 3 * 4 * C + (4 * 4 * C if a["UPDATE_RUNNING"] else 0), 0
+    x = _nb(a["x_ptr"]) * M // max(a["x_ptr"].shape[0], 1)
+    return x + 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * C + 3 * 4 * C + (4 * 4 * C if a["UPDATE_RUNNING"] else 0), 0
 
 
 def _bn_finalize(a):
@@ -90,8 +93,7 @@ TRITON_COSTS = {
     "_bn_relu_conv1x1_bwd_dw_kernel": ("fused 1x1", _conv1x1_dw),
     "_bn_relu_conv1x1_bwd_dz_kernel": ("fused 1x1", _conv1x1_dz),
     "_bn_relu_conv1x1_bwd_dx_kernel": ("fused 1x1", _conv1x1_dx),
-    "_batch_stats_partial_kernel": ("statistics", _stats_partial),
-    "_merge_partial_stats_kernel": ("statistics", _stats_merge),
+    "_batch_stats_kernel": ("statistics", _stats_fused),
     "_bn_finalize_kernel": ("statistics", _bn_finalize),
     "_bn_relu_fwd_kernel": ("BN-ReLU passes", _bn_relu_fwd),
     "_bn_relu_bwd_reduce_kernel": ("BN-ReLU passes", _bn_relu_reduce),

@@ -3,9 +3,12 @@ BatchNorm's per-channel finish (rstd, running-statistics update) fused into the 
 
 Design limits: fp32 accumulation whatever the input dtype (fp32, fp16, bf16); int64 row offsets. The
 result is the mean and the BIASED variance (what BatchNorm normalises with); the running variance gets
-the unbiased one. Two launches per call (per-tile partials, then one merge per channel block), none of
-which synchronises with the host: momentum=None (cumulative average) reads num_batches_tracked on the
-device.
+the unbiased one. One launch per call: every program writes its tile's partials, and the last program
+of each channel block to finish (found with an atomic ticket) merges that block's partials in a fixed
+order (deterministic) and finishes BatchNorm there (rstd, running statistics, num_batches_tracked). None
+of it synchronises with the host: momentum=None (cumulative average) reads num_batches_tracked on the
+device. The tickets live in one zeroed int32 buffer per device and stream, allocated once; the program
+that takes the last ticket sets it back to 0, so no call needs a fill and CUDA graphs can capture it.
 
 Numerics: a single-pass sum of squares loses everything when the mean is large against the spread
 (mean 1e3, std 1 in fp32 leaves ~2 significant bits of the variance), and even a plain sum of 64 values
@@ -14,8 +17,8 @@ own mean) from values shifted by the tile's first row, and tiles are merged, in 
 the first tile's mean, with Chan et al.'s formula
     n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n
 so no quantity ever carries the squared mean, and the mean is rounded once at the end. The GEMM
-epilogue of bn_relu_conv1x1 emits the same per-tile partials for the statistics of its output, and
-`merge_partial_stats` finishes both.
+epilogue of bn_relu_conv1x1 emits the same per-tile partials for the statistics of its output and
+merges them with the same `_merge_chunks`, in its own last program.
 """
 from __future__ import annotations
 
@@ -48,26 +51,38 @@ def _tile_mean_m2(v, mask, count):
     return v0 + d_mean, tl.sum(dev * dev, axis=0)
 
 
-# Stage 1: for the tile of rows [pid_m*BLOCK_M, +BLOCK_M) and channels [pid_c*BLOCK_C, +BLOCK_C):
+@triton.jit
+def _take_last_ticket(ticket_ptr, expected):
+    """True in the one program that takes the last of `expected` tickets at ticket_ptr (an int32 counter
+    at 0), which it sets back to 0. The barrier puts every thread's earlier stores before the ticket,
+    which the atomic publishes (release); the last program's later loads come after every ticket
+    (acquire)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    last = ticket == expected - 1
+    if last:
+        tl.atomic_xchg(ticket_ptr, 0)
+    return last
+
+
+@triton.jit
+def _count_batch(ticket_ptr, expected, nbt_ptr, INCREMENT_NBT: tl.constexpr):
+    """num_batches_tracked += 1, by the last of `expected` finishing programs (every one of them has read
+    the counter before taking its ticket)."""
+    if INCREMENT_NBT:
+        if _take_last_ticket(ticket_ptr, expected):
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+# Stage 1, per tile of rows [pid_m*BLOCK_M, +BLOCK_M) and channels [pid_c*BLOCK_C, +BLOCK_C):
 #   n_t = number of valid rows;  mean_t[c] = x0[c] + sum_r (x[r, c] - x0[c]) / n_t  (x0: the tile's first
 #   row);  M2_t[c] = sum_r (x[r, c] - mean_t[c])^2  (two passes over the tile held in registers, so
 #   neither the mean nor M2 ever sums squares or values of the size of the mean).
 @triton.jit
-def _batch_stats_partial_kernel(
-    x_ptr,            # [M, C] row-major view of the channels-last activation (any float dtype)
-    part_mean_ptr,    # [num_m_blocks, C] fp32: per-tile mean
-    part_m2_ptr,      # [num_m_blocks, C] fp32: per-tile sum of squared deviations from the tile mean
-    M, C,
-    stride_xm,        # elements between consecutive rows of x (C for a contiguous channels-last tensor)
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+def _stats_tile(x_ptr, part_mean_ptr, part_m2_ptr, pid_m, cols, col_ok, M, C, stride_xm,
+                BLOCK_M: tl.constexpr):
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
     ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -77,20 +92,21 @@ def _batch_stats_partial_kernel(
     tl.store(part_m2_ptr + out, m2, mask=col_ok)
 
 
-# BatchNorm's per-channel finish, shared by the merge kernel and the finalize kernel:
+# BatchNorm's per-channel finish, shared by every kernel that ends in batch statistics:
 #   rstd = 1 / sqrt(var + eps)
 #   training (UPDATE_RUNNING): running <- running + f * (batch - running)   (nn.BatchNorm2d's momentum
 #   update, f = momentum, or f = 1 / num_batches_tracked for momentum=None, read on the device so the
-#   host never synchronises), with the UNBIASED variance var * n / (n - 1) for running_var.
+#   host never synchronises; with INCREMENT_NBT the counter is read before this call's increment, so
+#   f = 1 / (num_batches_tracked + 1)), with the UNBIASED variance var * n / (n - 1) for running_var.
 @triton.jit
 def _bn_finish(mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr,
                eps, momentum, unbias, WRITE_RSTD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-               MOMENTUM_FROM_NBT: tl.constexpr):
+               MOMENTUM_FROM_NBT: tl.constexpr, INCREMENT_NBT: tl.constexpr):
     if WRITE_RSTD:
         tl.store(rstd_ptr + cols, 1.0 / tl.sqrt_rn(var + eps), mask=col_ok)
     if UPDATE_RUNNING:
         if MOMENTUM_FROM_NBT:
-            factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+            factor = 1.0 / (tl.load(nbt_ptr) + INCREMENT_NBT).to(tl.float32)
         else:
             factor = momentum
         rm = tl.load(running_mean_ptr + cols, mask=col_ok, other=0.0)
@@ -107,37 +123,23 @@ def _bn_finish(mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_
 # the size of the mean, and the result is rounded once, at the end). A chunk of BLOCK_P tiles is first
 # combined directly,
 #   n_k = sum n_p,  d_k = sum n_p (mean_p - s) / n_k,  M2_k = sum (M2_p + n_p (mean_p - s - d_k)^2),
-# then folded into the running (n, d, M2) with Chan's formula; mean = s + d. Output: mean and biased var = M2 / M,
-# optionally BatchNorm's finish (_bn_finish). The loop order is fixed, so the result is deterministic.
+# then folded into the running (n, d, M2) with Chan's formula; mean = s + d. Output: mean and biased
+# var = M2 / M. The loop order is fixed, so the result is deterministic. The partials are read through
+# L2 (.cg): in a kernel whose last program merges, other programs wrote them.
 @triton.jit
-def _merge_partial_stats_kernel(
-    part_mean_ptr,    # [num_blocks, C] fp32
-    part_m2_ptr,      # [num_blocks, C] fp32
-    mean_ptr,         # [C] fp32 out: mean
-    var_ptr,          # [C] fp32 out: biased variance
-    rstd_ptr,         # [C] fp32 out: 1/sqrt(var + eps) (when WRITE_RSTD)
-    running_mean_ptr,  # [C] BatchNorm running mean, updated in place (when UPDATE_RUNNING)
-    running_var_ptr,  # [C] BatchNorm running variance, updated in place (when UPDATE_RUNNING)
-    nbt_ptr,          # [] int64 num_batches_tracked, already incremented (when MOMENTUM_FROM_NBT)
-    num_blocks, M, C, rows_per_block,
-    eps, momentum, unbias,  # BN epsilon, momentum, M / (M - 1)
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_RSTD: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
-):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+def _merge_chunks(part_mean_ptr, part_m2_ptr, cols, col_ok, num_blocks, M, C, rows_per_block,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     run_n = tl.zeros([BLOCK_C], dtype=tl.float32)
     run_d = tl.zeros([BLOCK_C], dtype=tl.float32)
     run_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    shift = tl.load(part_mean_ptr + cols, mask=col_ok, other=0.0)
+    shift = tl.load(part_mean_ptr + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
     for p0 in range(0, num_blocks, BLOCK_P):
         blocks = p0 + tl.arange(0, BLOCK_P)
         blk_ok = blocks < num_blocks
         mask = blk_ok[:, None] & col_ok[None, :]
         offs = blocks.to(tl.int64)[:, None] * C + cols[None, :]
-        p_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
-        p_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
+        p_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        p_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
         p_n = tl.minimum(M - blocks * rows_per_block, rows_per_block)
         p_n = tl.where(blk_ok, p_n, 0).to(tl.float32)
         k_n = tl.sum(p_n, axis=0)  # scalar: rows in this chunk
@@ -150,12 +152,38 @@ def _merge_partial_stats_kernel(
         run_d = run_d + delta * (k_n / new_n)
         run_m2 = run_m2 + k_m2 + delta * delta * (run_n * k_n / new_n)
         run_n = new_n
-    run_mean = shift + run_d
-    var = run_m2 / run_n
-    tl.store(mean_ptr + cols, run_mean, mask=col_ok)
-    tl.store(var_ptr + cols, var, mask=col_ok)
-    _bn_finish(run_mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, eps,
-               momentum, unbias, WRITE_RSTD, UPDATE_RUNNING, MOMENTUM_FROM_NBT)
+    return shift + run_d, run_m2 / run_n
+
+
+# Both stages in one launch: program (m, c) writes tile m's partials of channel block c; the last
+# program of channel block c to finish (ticket c) merges the block's partials and finishes BatchNorm;
+# the last of those (ticket num_c_blocks) increments num_batches_tracked.
+@triton.jit
+def _batch_stats_kernel(
+    x_ptr,            # [M, C] row-major view of the channels-last activation (any float dtype)
+    part_mean_ptr,    # [num_m_blocks, C] fp32 scratch: per-tile mean
+    part_m2_ptr,      # [num_m_blocks, C] fp32 scratch: per-tile M2
+    mean_ptr, var_ptr, rstd_ptr,  # [C] fp32 out (rstd when WRITE_RSTD)
+    running_mean_ptr, running_var_ptr, nbt_ptr,  # as in _merge_partial_stats_kernel
+    ticket_ptr,       # [num_c_blocks + 1] int32 tickets, all 0
+    M, C, stride_xm,
+    eps, momentum, unbias,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_RSTD: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr, INCREMENT_NBT: tl.constexpr,
+):
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    _stats_tile(x_ptr, part_mean_ptr, part_m2_ptr, tl.program_id(0), cols, col_ok, M, C, stride_xm, BLOCK_M)
+    num_m = tl.num_programs(0)
+    if _take_last_ticket(ticket_ptr + pid_c, num_m):
+        mean, var = _merge_chunks(part_mean_ptr, part_m2_ptr, cols, col_ok, num_m, M, C, BLOCK_M,
+                                  BLOCK_P, BLOCK_C)
+        tl.store(mean_ptr + cols, mean, mask=col_ok)
+        tl.store(var_ptr + cols, var, mask=col_ok)
+        _bn_finish(mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, eps,
+                   momentum, unbias, WRITE_RSTD, UPDATE_RUNNING, MOMENTUM_FROM_NBT, INCREMENT_NBT)
+        _count_batch(ticket_ptr + tl.num_programs(1), tl.num_programs(1), nbt_ptr, INCREMENT_NBT)
 
 
 # BatchNorm's finish from statistics already known (a producer's epilogue statistics, or the running
@@ -167,16 +195,41 @@ def _bn_finalize_kernel(
     rstd_ptr,         # [C] fp32 out
     running_mean_ptr,  # [C] updated in place (when UPDATE_RUNNING)
     running_var_ptr,  # [C] updated in place (when UPDATE_RUNNING)
-    nbt_ptr,          # [] int64 num_batches_tracked, already incremented (when MOMENTUM_FROM_NBT)
+    nbt_ptr,          # [] int64 num_batches_tracked (incremented here with INCREMENT_NBT)
+    ticket_ptr,       # [1] int32 ticket, 0 (used with INCREMENT_NBT)
     C, eps, momentum, unbias,
     BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
+    INCREMENT_NBT: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
     _bn_finish(mean, var, cols, col_ok, rstd_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, eps,
-               momentum, unbias, True, UPDATE_RUNNING, MOMENTUM_FROM_NBT)
+               momentum, unbias, True, UPDATE_RUNNING, MOMENTUM_FROM_NBT, INCREMENT_NBT)
+    _count_batch(ticket_ptr, tl.num_programs(0), nbt_ptr, INCREMENT_NBT)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+_TICKETS = {}  # (device, stream) -> int32 tickets, all 0 between launches
+
+
+def tickets(device, count):
+    """At least `count` int32 tickets at 0 for kernels launched on `device`'s current stream: zeroed
+    once, then re-armed by the kernels themselves (launches on one stream never overlap). Allocated
+    outside any active dispatch mode (a fake or tracing mode would hand out a tensor that does not exist
+    on the device), so no call after the first allocates or fills anything."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < count:
+        from torch.utils._python_dispatch import _disable_current_modes
+        size = max(4096, triton.next_power_of_2(count))
+        with _disable_current_modes():
+            buf = torch.zeros(size, dtype=torch.int32, device=device)
+        _TICKETS[key] = buf
+    return buf
 
 
 def _alloc(shape, device, poison):
@@ -185,69 +238,60 @@ def _alloc(shape, device, poison):
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def _running_args(running_mean, running_var, num_batches_tracked, momentum, dummy):
+def _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, dummy):
     """Kernel arguments of the running-statistics update (no update when running_mean is None, or when
-    momentum is None without a counter: what F.batch_norm does with momentum 0)."""
+    momentum is None without a counter: what F.batch_norm does with momentum 0) and of the counter's
+    increment (increment_nbt: num_batches_tracked, when given, is incremented by the kernel)."""
     update = running_mean is not None and (momentum is not None or num_batches_tracked is not None)
     from_nbt = update and momentum is None
+    inc = bool(increment_nbt) and num_batches_tracked is not None
     return dict(
         ptrs=(running_mean if update else dummy, running_var if update else dummy,
-              num_batches_tracked if from_nbt else dummy),
-        momentum=0.0 if momentum is None else float(momentum), UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt)
-
-
-def merge_partial_stats(part_mean, part_m2, M, rows_per_block, poison=False, *, eps=None,
-                        running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1):
-    """(mean, biased var) fp32 [C] from per-tile partials [num_blocks, C] of tiles of rows_per_block rows.
-
-    With eps given, also rstd = 1/sqrt(var + eps) (returned third) and, when running_mean is given, the
-    running-statistics update of nn.BatchNorm2d (num_batches_tracked must already be incremented).
-    """
-    num_blocks, C = part_mean.shape
-    dev = part_mean.device
-    mean = _alloc((C,), dev, poison)
-    var = _alloc((C,), dev, poison)
-    rstd = _alloc((C,), dev, poison) if eps is not None else mean
-    run = _running_args(running_mean, running_var, num_batches_tracked, momentum, mean)
-    grid = (triton.cdiv(C, MERGE_BLOCK_C),)
-    _merge_partial_stats_kernel[grid](
-        part_mean, part_m2, mean, var, rstd, *run["ptrs"], num_blocks, M, C, rows_per_block,
-        0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1),
-        BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, WRITE_RSTD=eps is not None,
-        UPDATE_RUNNING=run["UPDATE_RUNNING"], MOMENTUM_FROM_NBT=run["MOMENTUM_FROM_NBT"], num_warps=4)
-    return (mean, var, rstd) if eps is not None else (mean, var)
+              num_batches_tracked if (from_nbt or inc) else dummy),
+        momentum=0.0 if momentum is None else float(momentum),
+        flags=dict(UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt, INCREMENT_NBT=inc))
 
 
 def bn_finalize(mean, var, eps, count, poison=False, *, running_mean=None, running_var=None,
-                num_batches_tracked=None, momentum=0.1):
+                num_batches_tracked=None, momentum=0.1, increment_nbt=False):
     """rstd = 1/sqrt(var + eps) fp32 [C], with the running-statistics update when running_mean is given
-    (count = values per channel behind mean/var; num_batches_tracked must already be incremented)."""
+    (count = values per channel behind mean/var; num_batches_tracked already incremented, or incremented
+    in the same launch with increment_nbt=True)."""
     C = mean.shape[0]
     rstd = _alloc((C,), mean.device, poison)
-    run = _running_args(running_mean, running_var, num_batches_tracked, momentum, rstd)
+    run = _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, rstd)
     _bn_finalize_kernel[(triton.cdiv(C, MERGE_BLOCK_C),)](
-        mean, var, rstd, *run["ptrs"], C, float(eps), run["momentum"], count / max(count - 1, 1),
-        BLOCK_C=MERGE_BLOCK_C, UPDATE_RUNNING=run["UPDATE_RUNNING"], MOMENTUM_FROM_NBT=run["MOMENTUM_FROM_NBT"],
-        num_warps=4)
+        mean, var, rstd, *run["ptrs"], tickets(mean.device, 1), C, float(eps), run["momentum"],
+        count / max(count - 1, 1), BLOCK_C=MERGE_BLOCK_C, **run["flags"], num_warps=4)
     return rstd
 
 
 def batch_stats_rows(x2d, poison=False, **bn):
-    """(mean, biased var) fp32 [C] over the rows of x2d [M, C] (unit stride along C, any row stride).
+    """(mean, biased var) fp32 [C] over the rows of x2d [M, C] (unit stride along C, any row stride), in
+    one launch.
 
-    bn: eps, running_mean, running_var, num_batches_tracked, momentum: see merge_partial_stats (then
-    (mean, var, rstd) is returned and the running statistics are updated in the same launch)."""
+    bn: eps (then (mean, var, rstd = 1/sqrt(var + eps)) is returned) and running_mean, running_var,
+    num_batches_tracked, momentum: nn.BatchNorm2d's running-statistics update, done in the same launch
+    (num_batches_tracked already incremented, or incremented in the same launch with increment_nbt=True)."""
     M, C = x2d.shape
     if x2d.stride(1) != 1 and C > 1:
         raise ValueError("batch_stats_rows: x2d must have unit stride along channels; make the activation "
                          "channels-last contiguous first")
     if M == 0:
         raise ValueError("batch_stats_rows: no rows (empty batch); statistics need at least one value")
+    eps = bn.pop("eps", None)
+    dev = x2d.device
     num_blocks = triton.cdiv(M, STATS_BLOCK_M)
-    part_mean = _alloc((num_blocks, C), x2d.device, poison)
-    part_m2 = _alloc((num_blocks, C), x2d.device, poison)
-    grid = (num_blocks, triton.cdiv(C, STATS_BLOCK_C))
-    _batch_stats_partial_kernel[grid](x2d, part_mean, part_m2, M, C, x2d.stride(0),
-                                      BLOCK_M=STATS_BLOCK_M, BLOCK_C=STATS_BLOCK_C,
-                                      num_warps=4 if INTERPRET else 8)
-    return merge_partial_stats(part_mean, part_m2, M, STATS_BLOCK_M, poison, **bn)
+    part_mean = _alloc((num_blocks, C), dev, poison)
+    part_m2 = _alloc((num_blocks, C), dev, poison)
+    mean, var = _alloc((C,), dev, poison), _alloc((C,), dev, poison)
+    rstd = _alloc((C,), dev, poison) if eps is not None else mean
+    run = _running_args(bn.get("running_mean"), bn.get("running_var"), bn.get("num_batches_tracked"),
+                        bn.get("momentum", 0.1), bn.get("increment_nbt", False), mean)
+    c_blocks = triton.cdiv(C, STATS_BLOCK_C)
+    _batch_stats_kernel[(num_blocks, c_blocks)](
+        x2d, part_mean, part_m2, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
+        0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1),
+        BLOCK_M=STATS_BLOCK_M, BLOCK_C=STATS_BLOCK_C, BLOCK_P=MERGE_BLOCK_P, WRITE_RSTD=eps is not None,
+        **run["flags"], num_warps=4 if INTERPRET else 8)
+    return (mean, var, rstd) if eps is not None else (mean, var)

@@ -19,9 +19,10 @@ fp32 ~1e-4 of absolute error in z), while x - mean is exact there. Every kernel 
 BN-ReLU costs no extra small launches for them.
 
 Design limits: x contiguous [M, C] of fp32/fp16/bf16; all arithmetic in fp32; per-channel vectors of any
-float dtype (read as fp32). Per-channel reductions are two-stage: each program reduces a band of rows to
-one partial row, and the partials [2, P, C] are summed by torch (a few hundred rows): no atomics, and a
-deterministic result.
+float dtype (read as fp32). Per-channel reductions take one launch: each program reduces a band of rows
+to one partial row, and the last program of each channel block to finish (an atomic ticket) sums the
+block's partials [2, P, C] in a fixed order (deterministic) and also writes dgamma = sum dz * xhat, so
+the backward launches nothing but its two passes.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .batch_stats import _take_last_ticket, tickets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -40,6 +43,8 @@ BLOCK_M = 1024 if INTERPRET else 64
 BLOCK_C_MAX = 64
 # Programs per channel block of the reduction (each loops over its band of row tiles).
 REDUCE_PROGRAMS = 2 if INTERPRET else 264
+# Partial rows the finishing program sums per step.
+REDUCE_BLOCK_P = 2 if INTERPRET else 16
 
 
 def _block_c(C):
@@ -76,18 +81,22 @@ def _bn_relu_fwd_kernel(
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-# Stage 1 of the backward reductions. Program (p, cb) covers row tiles p, p + P, p + 2P, ... and writes
+# The backward reductions. Program (p, cb) covers row tiles p, p + P, p + 2P, ... and writes
 #   part[0, p, c] = sum_r dz[r, c]
-#   part[1, p, c] = sum_r dz[r, c] * (x[r, c] - mean[c])        (times rstd later: sum dz * xhat)
-# with dz = da * [(x - mean) * scale + beta > 0] (the forward's ReLU mask, recomputed from x).
+#   part[1, p, c] = sum_r dz[r, c] * (x[r, c] - mean[c])
+# with dz = da * [(x - mean) * scale + beta > 0] (the forward's ReLU mask, recomputed from x); the last
+# program of channel block cb to finish sums the block's partials over p = 0, 1, ..., P-1 into
+#   sums[0, c] = dbeta,  sums[1, c] = sum dz * (x - mean),  sums[2, c] = dgamma = sums[1, c] * rstd[c].
 @triton.jit
 def _bn_relu_bwd_reduce_kernel(
     da_ptr,       # [M, C] gradient w.r.t. a = relu(bn(x)), row-major
     x_ptr,        # [M, C] pre-BN input, row-major
     gamma_ptr, beta_ptr, mean_ptr, rstd_ptr,  # [C] BN vectors, as in the forward
     part_ptr,     # [2, P, C] fp32 partial sums of dz and of dz * (x - mean)
+    sums_ptr,     # [3, C] fp32 out: dbeta, sum dz * (x - mean), dgamma
+    ticket_ptr,   # [cdiv(C, BLOCK_C)] int32 tickets at 0
     M, C, num_row_tiles,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -109,6 +118,19 @@ def _bn_relu_bwd_reduce_kernel(
     out = pid * C + cols
     tl.store(part_ptr + out, tl.sum(acc_dz, axis=0), mask=col_ok)
     tl.store(part_ptr + num_programs * C + out, tl.sum(acc_dzx, axis=0), mask=col_ok)
+    if _take_last_ticket(ticket_ptr + tl.program_id(1), num_programs):
+        tot_dz = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        tot_dzx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for p0 in range(0, num_programs, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            pmask = (ps < num_programs)[:, None] & col_ok[None, :]
+            poffs = ps[:, None] * C + cols[None, :]
+            tot_dz += tl.load(part_ptr + poffs, mask=pmask, other=0.0, cache_modifier=".cg")
+            tot_dzx += tl.load(part_ptr + num_programs * C + poffs, mask=pmask, other=0.0, cache_modifier=".cg")
+        sum_dzx = tl.sum(tot_dzx, axis=0)
+        tl.store(sums_ptr + cols, tl.sum(tot_dz, axis=0), mask=col_ok)
+        tl.store(sums_ptr + C + cols, sum_dzx, mask=col_ok)
+        tl.store(sums_ptr + 2 * C + cols, sum_dzx * rstd, mask=col_ok)
 
 
 # dx[r, c] = scale[c] * dz[r, c] + coef_b[c] + (x[r, c] - mean[c]) * coef_c[c],
@@ -120,7 +142,7 @@ def _bn_relu_bwd_dx_kernel(
     x_ptr,        # [M, C] pre-BN input, row-major
     dx_ptr,       # [M, C] output: gradient w.r.t. x, row-major, x's dtype
     gamma_ptr, beta_ptr, mean_ptr, rstd_ptr,  # [C] BN vectors, as in the forward
-    sums_ptr,     # [2, C] fp32: sum dz, sum dz * (x - mean) (from the reduction)
+    sums_ptr,     # [>= 2, C] fp32: sum dz, sum dz * (x - mean) (from the reduction)
     M, C,
     BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -169,7 +191,8 @@ def bn_relu_fwd(x2d, gamma, beta, mean, rstd, poison=False):
 
 
 def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False):
-    """fp32 [2, C]: (sum dz, sum dz * (x - mean)) per channel, dz = da * [(x - mean)*scale + beta > 0]."""
+    """fp32 [3, C]: (dbeta = sum dz, sum dz * (x - mean), dgamma = sum dz * xhat) per channel,
+    dz = da * [(x - mean)*scale + beta > 0], in one launch."""
     M, C = x2d.shape
     _check_rows("bn_relu_bwd_reduce", x2d, C)
     _check_rows("bn_relu_bwd_reduce", da2d, C)
@@ -177,10 +200,11 @@ def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False):
     num_row_tiles = triton.cdiv(M, BLOCK_M)
     programs = max(1, min(REDUCE_PROGRAMS, num_row_tiles))
     part = _empty_like(x2d.new_empty((2, programs, C), dtype=torch.float32), poison)
+    sums = _empty_like(x2d.new_empty((3, C), dtype=torch.float32), poison)
     grid = (programs, triton.cdiv(C, block_c))
-    _bn_relu_bwd_reduce_kernel[grid](da2d, x2d, gamma, beta, mean, rstd, part, M, C, num_row_tiles,
-                                     BLOCK_M=BLOCK_M, BLOCK_C=block_c)
-    return part.sum(1)
+    _bn_relu_bwd_reduce_kernel[grid](da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(x2d.device, grid[1]),
+                                     M, C, num_row_tiles, BLOCK_M=BLOCK_M, BLOCK_C=block_c, BLOCK_P=REDUCE_BLOCK_P)
+    return sums
 
 
 def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison=False):

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_stats import _tile_mean_m2
+from .batch_stats import _bn_finish, _count_batch, _merge_chunks, _running_args, _take_last_ticket, _tile_mean_m2, tickets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -87,7 +87,10 @@ else:
     ]
 
 _MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
+_MIN_FWD_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _FWD_CONFIGS)
 _MIN_DZ_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DZ_CONFIGS)
+_MIN_DZ_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _DZ_CONFIGS)
+_MIN_DW_TILE = min(c.kwargs["BLOCK_N"] for c in _DW_CONFIGS), min(c.kwargs["BLOCK_K"] for c in _DW_CONFIGS)
 
 
 def _prune_by_size(configs, named_args, **kwargs):
@@ -184,9 +187,12 @@ def _bn_apply(x, mean, scale, beta):
 # ---------------------------------------------------------------------------------------------------
 # Forward:  y[m, n] = sum_k relu(z[r(m), k]) * W[n, k]  (+ bias[n]) (+ res[m, n]),
 #           z = (x - mean) * gamma * rstd + beta  (_bn_apply)
-# with fp32 accumulation, r(m) the strided row gather. Optional epilogue statistics of y AS STORED
-# (after the residual and the rounding to y's dtype): per tile of BLOCK_M rows, (mean_t, M2_t about
-# mean_t) per column, merged later with Chan's formula (kernels/batch_stats.py).
+# with fp32 accumulation, r(m) the strided row gather; W of any float dtype, rounded to x's (the compute
+# dtype) as it is loaded. Optional epilogue statistics of y AS STORED (after the residual and the
+# rounding to y's dtype): per tile of BLOCK_M rows, (mean_t, M2_t about mean_t) per column; the last
+# row tile of each column block to finish (atomic ticket) merges them with Chan's formula in a fixed
+# order (kernels/batch_stats.py) and writes the mean and biased variance of y; with OUT_FINISH it also
+# finishes the BatchNorm that consumes y (rstd, running statistics, num_batches_tracked: _bn_finish).
 # ---------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "K", "N"], prune_configs_by=_PRUNE, **_AUTOTUNE_EXTRA)
 @triton.jit
@@ -203,14 +209,24 @@ def _bn_relu_conv1x1_fwd_kernel(
     y2_ptr,           # [M, N - n_split] second output with SPLIT_OUT (else unused)
     part_mean_ptr,    # [cdiv(M, BLOCK_M), N] fp32 per-tile mean of y (unused unless OUT_STATS)
     part_m2_ptr,      # [cdiv(M, BLOCK_M), N] fp32 per-tile M2 of y (unused unless OUT_STATS)
+    stats_mean_ptr,   # [N] fp32 out: mean of y (unused unless OUT_STATS)
+    stats_var_ptr,    # [N] fp32 out: biased variance of y (unused unless OUT_STATS)
+    ticket_ptr,       # [cdiv(N, BLOCK_N) + 1] int32 tickets at 0 (unused unless OUT_STATS)
+    out_rstd_ptr,     # [n_finish] fp32 out: the consuming BatchNorm's rstd (unused unless OUT_FINISH)
+    out_rm_ptr, out_rv_ptr, out_nbt_ptr,  # its running statistics and counter (OUT_UPDATE_RUNNING, ...)
+    out_eps, out_momentum, out_unbias,    # its eps, momentum, M / (M - 1)
+    n_finish,         # columns of y the consuming BatchNorm normalises (the first output's)
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # input / output spatial size (row gather when STRIDE == 2)
     n_split,          # columns of the first output when SPLIT_OUT
     STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SPLIT_OUT: tl.constexpr, OUT_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_OUT: tl.constexpr, OUT_STATS: tl.constexpr, OUT_FINISH: tl.constexpr,
+    OUT_UPDATE_RUNNING: tl.constexpr, OUT_MOMENTUM_FROM_NBT: tl.constexpr, OUT_INCREMENT_NBT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,9 +243,9 @@ def _bn_relu_conv1x1_fwd_kernel(
         k_ok = ks < K
         xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         mean, scale, beta = _bn_coeffs(ks, k_ok, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
-        a = tl.maximum(_bn_apply(xt, mean, scale, beta), 0.0).to(w_ptr.dtype.element_ty)
+        a = tl.maximum(_bn_apply(xt, mean, scale, beta), 0.0).to(x_ptr.dtype.element_ty)
         wt = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, wt.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -252,13 +268,25 @@ def _bn_relu_conv1x1_fwd_kernel(
         tile_mean, tile_m2 = _tile_mean_m2(y.to(tl.float32), out_mask, count)
         tl.store(part_mean_ptr + pid_m * N + offs_n, tile_mean, mask=n_ok)
         tl.store(part_m2_ptr + pid_m * N + offs_n, tile_m2, mask=n_ok)
+        if _take_last_ticket(ticket_ptr + pid_n, num_pid_m):
+            out_mean, out_var = _merge_chunks(part_mean_ptr, part_m2_ptr, offs_n, n_ok, num_pid_m, M, N,
+                                              BLOCK_M, 8, BLOCK_N)
+            tl.store(stats_mean_ptr + offs_n, out_mean, mask=n_ok)
+            tl.store(stats_var_ptr + offs_n, out_var, mask=n_ok)
+            if OUT_FINISH:
+                num_pid_n = tl.cdiv(N, BLOCK_N)
+                _bn_finish(out_mean, out_var, offs_n, n_ok & (offs_n < n_finish), out_rstd_ptr, out_rm_ptr,
+                           out_rv_ptr, out_nbt_ptr, out_eps, out_momentum, out_unbias, True, OUT_UPDATE_RUNNING,
+                           OUT_MOMENTUM_FROM_NBT, OUT_INCREMENT_NBT)
+                _count_batch(ticket_ptr + num_pid_n, num_pid_n, out_nbt_ptr, OUT_INCREMENT_NBT)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Backward, weight gradient:  dW[n, k] = sum_m dy[m, n] * relu(z[r(m), k])
 # The pre-activation is recomputed from x in the prologue (never stored). The reduction over M (up to
 # ~200k rows against a weight of a few hundred KB) is split into contiguous row ranges, one per grid
-# column, each writing an fp32 partial dW; the partials are summed in a fixed order (deterministic).
+# column, each writing an fp32 partial dW; the last split of each (N, K) tile to finish (atomic ticket)
+# sums the tile's partials in split order (deterministic) and stores dW in the parameter's dtype.
 # ---------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_DW_CONFIGS, key=["M", "K", "N"], prune_configs_by=_PRUNE, **_AUTOTUNE_EXTRA)
 @triton.jit
@@ -270,7 +298,9 @@ def _bn_relu_conv1x1_bwd_dw_kernel(
     beta_ptr,         # [K] fp32
     dy_ptr,           # [M, N] gradient of y; with SPLIT_OUT [M, n_split]
     dy2_ptr,          # [M, N - n_split] gradient of the second output with SPLIT_OUT (else unused)
-    dw_part_ptr,      # [num_splits, N, K] fp32 partial weight gradients
+    dw_part_ptr,      # [num_splits, N, K] fp32 partial weight gradients (unused with one split)
+    dw_ptr,           # [N, K] out: the weight gradient, in its dtype (the parameter's)
+    ticket_ptr,       # [tiles] int32 tickets at 0, one per (N, K) tile (unused with one split)
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # spatial sizes for the row gather
     n_split,          # columns of the first output when SPLIT_OUT
@@ -302,15 +332,26 @@ def _bn_relu_conv1x1_bwd_dw_kernel(
         dyt = _load_rows_cols(dy_ptr, dy2_ptr, offs_m.to(tl.int64), offs_n, m_ok, n_ok, n_split, N, SPLIT_OUT)
         acc = tl.dot(tl.trans(dyt.to(x_ptr.dtype.element_ty)), a, acc, input_precision=DOT_PRECISION)
 
-    out = dw_part_ptr + pid_s.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
-    tl.store(out, acc, mask=n_ok[:, None] & k_ok[None, :])
+    tile = offs_n[:, None] * K + offs_k[None, :]
+    tile_ok = n_ok[:, None] & k_ok[None, :]
+    num_splits = tl.num_programs(1)
+    if num_splits == 1:
+        tl.store(dw_ptr + tile, acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(dw_part_ptr + pid_s.to(tl.int64) * N * K + tile, acc, mask=tile_ok)
+        if _take_last_ticket(ticket_ptr + pid, num_splits):
+            total = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for s in range(0, num_splits):
+                total += tl.load(dw_part_ptr + s * N * K + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            tl.store(dw_ptr + tile, total.to(dw_ptr.dtype.element_ty), mask=tile_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Backward, gradient at the pre-activation (at the sampled rows m, input row r(m)):
 #   da[m, k] = sum_n dy[m, n] * W[n, k];   dz = da * [z > 0]   (the forward's own z, _bn_apply)
-# Epilogue: per tile of BLOCK_M rows, partial sums of dz and dz * xhat per column (xhat = (x-mean)*rstd),
-# reduced over tiles afterwards (two-stage): dbeta = sum dz, dgamma = sum dz * xhat. Rows a stride-2
+# Epilogue: per tile of BLOCK_M rows, partial sums of dz and dz * xhat per column (xhat = (x-mean)*rstd);
+# the last row tile of each column block to finish (atomic ticket) sums the block's partials in a fixed
+# order: dbeta = sum dz, dgamma = sum dz * xhat. Rows a stride-2
 # conv skips have dz = 0 and contribute nothing to either sum. dz is stored in the compute dtype.
 # ---------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_DZ_CONFIGS, key=["M", "K", "N"], prune_configs_by=_PRUNE, **_AUTOTUNE_EXTRA)
@@ -327,13 +368,17 @@ def _bn_relu_conv1x1_bwd_dz_kernel(
     dz_ptr,           # [M, K] out: dz at the sampled rows, compute dtype
     part_dbeta_ptr,   # [cdiv(M, BLOCK_M), K] fp32 per-tile sum of dz
     part_dgamma_ptr,  # [cdiv(M, BLOCK_M), K] fp32 per-tile sum of dz * xhat
+    dbeta_ptr,        # [K] fp32 out: sum of dz
+    dgamma_ptr,       # [K] fp32 out: sum of dz * xhat
+    ticket_ptr,       # [cdiv(K, BLOCK_K)] int32 tickets at 0
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # spatial sizes for the row gather
     n_split,          # columns of the first output when SPLIT_OUT
     STRIDE: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(K, BLOCK_K), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -349,7 +394,8 @@ def _bn_relu_conv1x1_bwd_dz_kernel(
         dyt = _load_rows_cols(dy_ptr, dy2_ptr, rows64, ns, m_ok, n_ok, n_split, N, SPLIT_OUT)
         wt = tl.load(w_ptr + ns.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                      other=0.0)
-        acc = tl.dot(dyt.to(w_ptr.dtype.element_ty), wt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dyt.to(x_ptr.dtype.element_ty), wt.to(x_ptr.dtype.element_ty), acc,
+                     input_precision=DOT_PRECISION)
 
     mask = m_ok[:, None] & k_ok[None, :]
     in_rows = _input_rows(tl.where(m_ok, offs_m, 0), H, W, Ho, Wo, STRIDE).to(tl.int64)
@@ -362,6 +408,25 @@ def _bn_relu_conv1x1_bwd_dz_kernel(
     xhat = (x - mean[None, :]) * rstd[None, :]
     tl.store(part_dbeta_ptr + pid_m * K + offs_k, tl.sum(dz, axis=0), mask=k_ok)
     tl.store(part_dgamma_ptr + pid_m * K + offs_k, tl.sum(dz * xhat, axis=0), mask=k_ok)
+    if _take_last_ticket(ticket_ptr + pid_k, num_pid_m):
+        _sum_partials(part_dbeta_ptr, part_dgamma_ptr, dbeta_ptr, dgamma_ptr, offs_k, k_ok, num_pid_m, K,
+                      8, BLOCK_K)
+
+
+@triton.jit
+def _sum_partials(part_a_ptr, part_b_ptr, out_a_ptr, out_b_ptr, cols, col_ok, num_rows, C,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out_a[c] = sum_p part_a[p, c], out_b likewise, for [num_rows, C] partials, in a fixed order."""
+    acc_a = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, num_rows, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < num_rows)[:, None] & col_ok[None, :]
+        offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
+        acc_a += tl.load(part_a_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        acc_b += tl.load(part_b_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(out_a_ptr + cols, tl.sum(acc_a, axis=0), mask=col_ok)
+    tl.store(out_b_ptr + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,17 +517,19 @@ def out_size(size, stride):
 
 
 def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=None, residual=None,
-                        n_split=0, out_stats=False, poison=False):
+                        n_split=0, out_stats=False, out_bn=None, poison=False):
     """y = relu((x - mean) * gamma * rstd + beta) (*) weight2d [+ bias] [+ residual].
 
-    x: [N, K, H, W] channels-last contiguous (compute dtype); weight2d: [Cout, K] contiguous (same dtype);
+    x: [N, K, H, W] channels-last contiguous (compute dtype); weight2d: [Cout, K] contiguous (any float
+    dtype: rounded to x's dtype as the kernel loads it);
     mean, rstd, gamma, beta: [K] fp32 contiguous; bias: [Cout] fp32 or None;
     residual: [N, Cout, Ho, Wo] channels-last contiguous (compute dtype) or None.
     n_split > 0: two outputs with n_split and Cout - n_split channels (one GEMM).
-    Returns (y or (y_a, y_b), (mean, biased var) of the output as stored, or None).
+    out_bn (with out_stats): dict(eps, running_mean, running_var, num_batches_tracked, momentum) of the
+    BatchNorm in training that consumes y (its first n_split channels when n_split): the same launch
+    also finishes it (rstd, running-statistics update, num_batches_tracked incremented).
+    Returns (y or (y_a, y_b), (mean, biased var[, rstd with out_bn]) of the output as stored, or None).
     """
-    from .batch_stats import merge_partial_stats
-
     Nb, K, H, W = x.shape
     Cout = weight2d.shape[0]
     Ho, Wo = out_size(H, stride), out_size(W, stride)
@@ -478,8 +545,12 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
         max_blocks = triton.cdiv(M, _MIN_FWD_BLOCK_M)
         part_mean = _empty((max_blocks, Cout), torch.float32, dev, poison)
         part_m2 = _empty((max_blocks, Cout), torch.float32, dev, poison)
+        stats = (_empty((Cout,), torch.float32, dev, poison), _empty((Cout,), torch.float32, dev, poison))
+        ticket = tickets(dev, triton.cdiv(Cout, _MIN_FWD_BLOCK_N) + 1)
     else:
-        part_mean = part_m2 = mean  # never touched (OUT_STATS is False)
+        part_mean = part_m2 = ticket = mean  # never touched (OUT_STATS is False)
+        stats = None
+    fin = _finish_args(out_bn, n_split or Cout, M, dev, poison, mean)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
@@ -488,17 +559,27 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
         x, weight2d, mean, rstd, gamma, beta,
         bias if bias is not None else mean,
         residual if residual is not None else x,
-        y, y2, part_mean, part_m2,
+        y, y2, part_mean, part_m2, *(stats or (mean, mean)), ticket, *fin["args"],
         M, K, Cout, H, W, Ho, Wo, n_split,
         STRIDE=stride, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, DOT_PRECISION=_dot_precision(dt),
+        SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, **fin["flags"], DOT_PRECISION=_dot_precision(dt),
     )
-    stats = None
-    if out_stats:
-        block_m = _bn_relu_conv1x1_fwd_kernel.best_config.kwargs["BLOCK_M"]
-        nblocks = triton.cdiv(M, block_m)
-        stats = merge_partial_stats(part_mean[:nblocks], part_m2[:nblocks], M, block_m, poison)
+    if out_bn is not None:
+        stats = (*stats, fin["args"][0])
     return ((y, y2) if n_split else y), stats
+
+
+def _finish_args(out_bn, channels, M, device, poison, dummy):
+    """Kernel arguments that finish the BatchNorm consuming y (out_bn, see bn_relu_conv1x1_fwd)."""
+    if out_bn is None:
+        return dict(args=(dummy,) * 4 + (0.0, 0.0, 1.0, 0),
+                    flags=dict(OUT_FINISH=False, OUT_UPDATE_RUNNING=False, OUT_MOMENTUM_FROM_NBT=False,
+                               OUT_INCREMENT_NBT=False))
+    rstd = _empty((channels,), torch.float32, device, poison)
+    run = _running_args(out_bn.get("running_mean"), out_bn.get("running_var"), out_bn.get("num_batches_tracked"),
+                        out_bn.get("momentum", 0.1), True, rstd)
+    return dict(args=(rstd, *run["ptrs"], float(out_bn["eps"]), run["momentum"], M / max(M - 1, 1), channels),
+                flags=dict(OUT_FINISH=True, **{f"OUT_{k}": v for k, v in run["flags"].items()}))
 
 
 def _dw_rows_per_split(M, K, N):
@@ -513,8 +594,10 @@ def _dw_rows_per_split(M, K, N):
     return triton.cdiv(triton.cdiv(M, splits), 128) * 128
 
 
-def bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, *, stride=1, dy2=None, poison=False):
-    """dW [Cout, K] fp32 = relu(z)[rows]^T @ dy (dy2: second output's gradient, dual)."""
+def bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, *, stride=1, dy2=None, out_dtype=torch.float32,
+                           poison=False):
+    """dW [Cout, K] = relu(z)[rows]^T @ dy in out_dtype (dy2: second output's gradient, dual), in one
+    launch: fp32 accumulation, the split partials summed in-kernel, rounded once to out_dtype."""
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
     n_split = dy.shape[1] if dy2 is not None else 0
@@ -522,21 +605,27 @@ def bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, *, stride=1, dy2=None
     M = Nb * Ho * Wo
     rows_per_split = _dw_rows_per_split(M, K, Cout)
     splits = triton.cdiv(M, rows_per_split)
-    part = _empty((splits, Cout, K), torch.float32, x.device, poison)
+    dw = _empty((Cout, K), out_dtype, x.device, poison)
+    if splits > 1:
+        part = _empty((splits, Cout, K), torch.float32, x.device, poison)
+        ticket = tickets(x.device, triton.cdiv(Cout, _MIN_DW_TILE[0]) * triton.cdiv(K, _MIN_DW_TILE[1]))
+    else:
+        part = ticket = dw  # never touched with one split
 
     def grid(meta):
         return (triton.cdiv(Cout, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), splits)
 
     _bn_relu_conv1x1_bwd_dw_kernel[grid](
-        x, mean, rstd, gamma, beta, dy, dy2 if dy2 is not None else dy, part,
+        x, mean, rstd, gamma, beta, dy, dy2 if dy2 is not None else dy, part, dw, ticket,
         M, K, Cout, H, W, Ho, Wo, n_split, rows_per_split,
         STRIDE=stride, SPLIT_OUT=dy2 is not None, DOT_PRECISION=_dot_precision(x.dtype),
     )
-    return part[0] if splits == 1 else part.sum(dim=0)
+    return dw
 
 
 def bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, *, stride=1, dy2=None, poison=False):
-    """dz [N, K, Ho, Wo] channels-last (compute dtype) at the sampled rows, and (dbeta, dgamma) fp32 [K]."""
+    """dz [N, K, Ho, Wo] channels-last (compute dtype) at the sampled rows, and (dbeta, dgamma) fp32 [K],
+    in one launch (weight2d of any float dtype, rounded to x's as it is loaded)."""
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
     n_split = dy.shape[1] if dy2 is not None else 0
@@ -544,37 +633,42 @@ def bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, *, stride=1
     M = Nb * Ho * Wo
     dz = _empty((Nb, K, Ho, Wo), x.dtype, x.device, poison, channels_last=True)
     max_blocks = triton.cdiv(M, _MIN_DZ_BLOCK_M)
-    # One buffer for both partial sums, so that one reduction launch finishes them.
     parts = _empty((2, max_blocks, K), torch.float32, x.device, poison)
+    sums = _empty((2, K), torch.float32, x.device, poison)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
     _bn_relu_conv1x1_bwd_dz_kernel[grid](
         dy, dy2 if dy2 is not None else dy, weight2d, x, mean, rstd, gamma, beta, dz,
-        parts[0], parts[1], M, K, Cout, H, W, Ho, Wo, n_split,
+        parts[0], parts[1], sums[0], sums[1], tickets(x.device, triton.cdiv(K, _MIN_DZ_BLOCK_K)),
+        M, K, Cout, H, W, Ho, Wo, n_split,
         STRIDE=stride, SPLIT_OUT=dy2 is not None, DOT_PRECISION=_dot_precision(x.dtype),
     )
-    nblocks = triton.cdiv(M, _bn_relu_conv1x1_bwd_dz_kernel.best_config.kwargs["BLOCK_M"])
-    dbeta, dgamma = parts[:, :nblocks].sum(dim=1).unbind(0)
-    return dz, dbeta, dgamma
+    return dz, sums[0], sums[1]
 
 
 def bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, *, stride=1, batch_stats=True,
-                           accumulate_into=None, poison=False):
+                           accumulate_into=None, add_grad=None, poison=False):
     """dx [N, K, H, W] channels-last in x's dtype from dz and the BN sums (see the kernel's comment).
 
     accumulate_into: a channels-last contiguous gradient of x's shape to ADD dx into, in place (the
-    identity shortcut's gradient); it is returned. Otherwise dx is written over dz when stride == 1
-    (dz is dead afterwards) or into a new tensor.
+    identity shortcut's gradient); it is returned. add_grad: the same addend, read only: dx + add_grad is
+    written where dx would be. Otherwise dx is written over dz when stride == 1 (dz is dead afterwards)
+    or into a new tensor.
     """
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
     M_in = Nb * H * W
+    if accumulate_into is not None and add_grad is not None:
+        raise ValueError("bn_relu_conv1x1_bwd_dx: give accumulate_into or add_grad, not both")
+    addend = accumulate_into if accumulate_into is not None else add_grad
+    if addend is not None and (addend.shape != x.shape or addend.dtype != x.dtype
+                               or not addend.is_contiguous(memory_format=torch.channels_last)):
+        name = "accumulate_into" if accumulate_into is not None else "add_grad"
+        raise ValueError(f"bn_relu_conv1x1_bwd_dx: {name} must be a channels-last contiguous {x.dtype} tensor "
+                         f"of shape {tuple(x.shape)}, got {addend.dtype} {tuple(addend.shape)}")
     if accumulate_into is not None:
-        if accumulate_into.shape != x.shape or not accumulate_into.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("bn_relu_conv1x1_bwd_dx: accumulate_into must be a channels-last contiguous "
-                             f"tensor of shape {tuple(x.shape)}, got {tuple(accumulate_into.shape)}")
         out = accumulate_into
     elif stride == 1 and dz.dtype == x.dtype and not poison:
         out = dz
@@ -582,8 +676,8 @@ def bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, *, stride=1,
         out = _empty(tuple(x.shape), x.dtype, x.device, poison, channels_last=True)
     grid = (triton.cdiv(M_in, _DX_BLOCK_M), triton.cdiv(K, _DX_BLOCK_K))
     _bn_relu_conv1x1_bwd_dx_kernel[grid](
-        x, dz, mean, rstd, gamma, dbeta, dgamma, out, out, M_in, K, H, W, Ho, Wo, 1.0 / M_in,
-        STRIDE=stride, BATCH_STATS=batch_stats, ACCUMULATE=accumulate_into is not None,
+        x, dz, mean, rstd, gamma, dbeta, dgamma, out if addend is None else addend, out, M_in, K, H, W, Ho, Wo,
+        1.0 / M_in, STRIDE=stride, BATCH_STATS=batch_stats, ACCUMULATE=addend is not None,
         BLOCK_M=_DX_BLOCK_M, BLOCK_K=_DX_BLOCK_K, num_warps=4,
     )
     return out

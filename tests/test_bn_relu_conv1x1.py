@@ -503,3 +503,89 @@ def test_production_path_without_poison(training, monkeypatch):
     monkeypatch.delenv("FASTPREACT_POISON", raising=False)
     _compare(2, 17, 5, 7, 20, 1, training, torch.float32, True, seed=9)
     _compare(2, 17, 5, 7, 20, 1, training, torch.float16, False, seed=9)
+
+
+@requires_interpreter
+def test_shortcut_grad_is_added_in_the_dx_pass():
+    """An identity unit's two fused 1x1 calls linked by a ShortcutGrad: the residual's gradient reaches x
+    through the first call's dx pass (no gradient add launched), equal to the unlinked computation."""
+    g = torch.Generator().manual_seed(7)
+    x0 = (torch.randn(2, 8, 5, 6, generator=g) + 0.3).contiguous(memory_format=torch.channels_last)
+    w1, w2 = torch.randn(4, 8, 1, 1, generator=g) / 3, torch.randn(8, 4, 1, 1, generator=g) / 2
+    bn1 = (torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g))
+    bn2 = (torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g))
+    dy = torch.randn(2, 8, 5, 6, generator=g)
+    grads, adds = {}, {}
+    for linked in (False, True):
+        x = x0.clone().requires_grad_()
+        params = [t.clone().requires_grad_() for t in (w1, w2, *bn1, *bn2)]
+        link = Fp.ShortcutGrad() if linked else None
+        h = Fp.bn_relu_conv1x1(x, params[0], params[2], params[3], shortcut_grad=link)
+        y = Fp.bn_relu_conv1x1(h, params[1], params[4], params[5], residual=x, shortcut_grad=link)
+        seen = []
+        with _AtenOps(seen):
+            y.backward(dy)
+        adds[linked] = seen.count("add")
+        grads[linked] = [x.grad] + [p.grad for p in params]
+        if linked:
+            assert link.grad is None  # handed over and released
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert adds[True] == adds[False] - 1
+    with pytest.raises(TypeError, match="shortcut_grad must be a ShortcutGrad"):
+        Fp.bn_relu_conv1x1(x0, w1, *bn1, shortcut_grad=object())
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the aten ops that run."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dual", [False, True])
+def test_output_bn_is_finished_like_bn_statistics(momentum, dual):
+    """output_bn: the consuming BatchNorm finished from y's statistics in the producer's launch equals
+    bn_statistics(bn, y, input_stats=stats) run afterwards: (mean, var, rstd, True), running buffers and
+    num_batches_tracked."""
+    inp = _make_inputs(2, 6, 5, 4, 5, 1, bias=False, residual=False, seed=11)
+    w_b = torch.randn(3, 6, 1, 1, generator=torch.Generator().manual_seed(12))
+    bns = []
+    for _ in range(2):
+        bn = nn.BatchNorm2d(5, momentum=momentum)
+        with torch.no_grad():
+            bn.running_mean.normal_(generator=torch.Generator().manual_seed(13))
+            bn.num_batches_tracked += 3
+        bns.append(bn)
+
+    def run(**kw):
+        if dual:
+            (y, stats), _ = Fp.bn_relu_conv1x1_dual(inp["x"], inp["w"], w_b, inp["gamma"], inp["beta"],
+                                                    output_stats_a=True, **{k + "_a": v for k, v in kw.items()})
+            return y, stats
+        return Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], output_stats=True, **kw)
+
+    y, taken = run(output_bn=bns[0])
+    y_ref, stats = run()
+    expected = Fp.bn_statistics(bns[1], y_ref, input_stats=stats)
+    assert taken[3] is True and expected[3] is True
+    for got, ref in zip(taken[:3], expected[:3]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bns[0], name), getattr(bns[1], name), rtol=1e-6, atol=1e-7)
+    # The consumer takes the finished statistics as they are: bn's buffers are not updated a second time.
+    before = [t.clone() for t in (bns[0].running_mean, bns[0].running_var, bns[0].num_batches_tracked)]
+    Fp.bn_relu_conv1x1(y, torch.randn(2, 5, 1, 1), input_stats=taken, **Fp.bn_args(bns[0]))
+    for got, ref in zip((bns[0].running_mean, bns[0].running_var, bns[0].num_batches_tracked), before):
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="needs output_stats=True"):
+        Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], output_bn=bns[0])
+    with pytest.raises(ValueError, match=r"must be the BatchNorm2d\(5\)"):
+        Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], output_stats=True,
+                           output_bn=nn.BatchNorm2d(4))

@@ -18,9 +18,9 @@ from .backends import backend, use_triton  # noqa: F401
 from .batchnorm import (batch_norm_stats, batch_stats, bn_args, bn_statistics,  # noqa: F401
                         update_running_stats)
 from .bn_relu import bn_relu, bn_relu_conv2d, bn_relu_max_pool2d  # noqa: F401
-from .conv1x1 import (_BNReLUConv1x1Torch, _BNReLUConv1x1Triton, bn_relu_conv1x1,  # noqa: F401
+from .conv1x1 import (ShortcutGrad, _BNReLUConv1x1Torch, _BNReLUConv1x1Triton, bn_relu_conv1x1,  # noqa: F401
                       bn_relu_conv1x1_dual, conv1x1_unfusable)
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "batch_stats", "backend", "update_running_stats",
            "use_triton", "bn_args", "batch_norm_stats", "bn_statistics", "conv1x1_unfusable", "bn_relu",
-           "bn_relu_conv2d", "bn_relu_max_pool2d"]
+           "bn_relu_conv2d", "bn_relu_max_pool2d", "ShortcutGrad"]

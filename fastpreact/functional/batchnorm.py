@@ -129,9 +129,10 @@ def _check_stats_args(op, x, running_mean, running_var, training, input_stats):
         raise ValueError(f"{op}: training needs more than 1 value per channel (x has shape "
                          f"{tuple(x.shape)}); use a larger batch or eval mode")
     if input_stats is not None:
-        if not isinstance(input_stats, (tuple, list)) or len(input_stats) != 2:
-            raise TypeError(f"{op}: input_stats must be a (mean, biased_var) pair of [C] tensors")
-        for name, t in zip(("input_stats mean", "input_stats var"), input_stats):
+        if not isinstance(input_stats, (tuple, list)) or len(input_stats) not in (2, 4):
+            raise TypeError(f"{op}: input_stats must be a (mean, biased_var) pair of [C] tensors, or the "
+                            "(mean, var, rstd, use_batch_stats) a producer's output_bn finished")
+        for name, t in zip(("input_stats mean", "input_stats var", "input_stats rstd"), input_stats[:3]):
             check_vec(op, name, t, c, x.device)
 
 
@@ -142,10 +143,14 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
 
     Batch statistics (training, or no running statistics) come from input_stats (a producer's
     epilogue) when given, else from one statistics pass; eval uses the running statistics. On the
-    Triton backend the statistics, rstd and the running update take two launches (one with input_stats
-    or in eval), all on the device.
+    Triton backend the statistics, rstd, the running update and num_batches_tracked's increment take
+    one launch, all on the device. input_stats of four entries (mean, var, rstd, use_batch_stats) were
+    finished for this BatchNorm by the producer (its output_bn, running statistics updated): they are
+    returned as they are.
     """
     _check_stats_args(op, x, running_mean, running_var, training, input_stats)
+    if input_stats is not None and len(input_stats) == 4 and (training or running_mean is None):
+        return tuple(input_stats)
     use_batch_stats = training or running_mean is None
     count = x.numel() // x.shape[1]
     if use_batch_stats and input_stats is not None:
@@ -161,10 +166,8 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
     ks = kernels("batch_stats")
     run = {}
     if training:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
         run = dict(running_mean=running_mean, running_var=running_var,
-                   num_batches_tracked=num_batches_tracked, momentum=momentum)
+                   num_batches_tracked=num_batches_tracked, momentum=momentum, increment_nbt=True)
     if use_batch_stats and input_stats is None:
         return (*ks.batch_stats_rows(rows(x), poison(), eps=eps, **run), use_batch_stats)
     return mean, var, ks.bn_finalize(mean, var, eps, count, poison(), **run), use_batch_stats

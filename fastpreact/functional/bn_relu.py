@@ -47,7 +47,7 @@ def _bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats):
         x2d, da2d = rows(x), rows(da).contiguous()
         sums = k.bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=poison())
         dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, use_batch_stats, poison=poison())
-        return from_rows(dx, x.shape), sums[1] * rstd, sums[0]
+        return from_rows(dx, x.shape), sums[2], sums[0]  # dgamma, dbeta: finished by the reduction
     count = x.numel() // x.shape[1]
     scale = gamma.float() * rstd
     xc = x.float() - mean[None, :, None, None]
@@ -83,23 +83,25 @@ class _BNReLUConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, padding, use_batch_stats):
         a = _bn_relu_apply(x, gamma, beta, mean, rstd)
+        w = weight.to(a.dtype)  # cast once: backward reuses it (as a stock conv under autocast saves it)
         with autocast_off(x.device):
-            y = F.conv2d(a, weight.to(a.dtype), None, stride, padding)
-        ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
+            y = F.conv2d(a, w, None, stride, padding)
+        ctx.save_for_backward(x, w, gamma, beta, mean, rstd)
         ctx.stride, ctx.padding, ctx.use_batch_stats = stride, padding, use_batch_stats
+        ctx.weight_dtype = weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, gamma, beta, mean, rstd = ctx.saved_tensors
+        x, w, gamma, beta, mean, rstd = ctx.saved_tensors
         with autocast_off(x.device):
             a = _bn_relu_apply(x, gamma, beta, mean, rstd)
             da, dw, _ = torch.ops.aten.convolution_backward(
-                dy.to(a.dtype), a, weight.to(a.dtype), None, [ctx.stride] * 2, [ctx.padding] * 2,
+                dy.to(a.dtype), a, w, None, [ctx.stride] * 2, [ctx.padding] * 2,
                 [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[1], False])
             del a
             dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
-        return (dx, None if dw is None else dw.to(weight.dtype), dgamma.to(gamma.dtype),
+        return (dx, None if dw is None else dw.to(ctx.weight_dtype), dgamma.to(gamma.dtype),
                 dbeta.to(beta.dtype), None, None, None, None, None)
 
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import autocast_dtype, kernels, poison, use_triton
-from .batchnorm import batch_norm_stats, batch_stats_torch, check_vec
+from .batchnorm import batch_norm_stats, batch_stats_torch, bn_args, bn_statistics, check_vec
 
-__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable"]
+__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable", "ShortcutGrad"]
 
 OP = "bn_relu_conv1x1"
 
@@ -37,6 +37,43 @@ OP = "bn_relu_conv1x1"
 # ---------------------------------------------------------------------------------------------------
 # The Triton autograd Function
 # ---------------------------------------------------------------------------------------------------
+class ShortcutGrad:
+    """An identity shortcut's gradient, handed between the two fused 1x1 calls of one residual unit: the
+    call that reads x (shortcut_grad=slot, no residual) and the later call that adds x back
+    (residual=x, shortcut_grad=slot, its output computed from the first call's). The later call's
+    backward leaves the residual's gradient here instead of returning it, and the first call's dx pass
+    adds it, so no separate gradient add is launched. Make one per forward; Triton calls only (the
+    torch fallback returns the gradient as usual)."""
+
+    __slots__ = ("armed", "grad")
+
+    def __init__(self):
+        self.armed, self.grad = None, None  # armed: (shape, dtype) of the receiving call's x
+
+
+def _link_shortcut(ctx, shortcut, x, residual):
+    """Arm `shortcut` for the receiving call (no residual) or take it for the sending one (residual of
+    the receiver's x's shape and dtype); ctx.shortcut is the slot this call uses, or None."""
+    ctx.shortcut = None
+    if shortcut is None:
+        return
+    if residual is None:
+        shortcut.armed, shortcut.grad = (tuple(x.shape), x.dtype), None
+        ctx.shortcut = shortcut
+    elif shortcut.armed == (tuple(residual.shape), residual.dtype):
+        ctx.shortcut = shortcut
+
+
+def _grad_in(g, x, channels, stride):
+    """An output's gradient as the kernels take it: x's dtype, channels-last contiguous; None (the output
+    does not reach the loss) is 0."""
+    if g is None:
+        n, _, h, w = x.shape
+        shape = (n, channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        return x.new_zeros(shape).contiguous(memory_format=torch.channels_last)
+    return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
 class _BNReLUConv1x1Triton(torch.autograd.Function):
     """relu((x - mean)*gamma*rstd + beta) (*) W on the fused kernels. Outputs: y (or y_a, y_b when
     n_split > 0), then (mean, var) of the output as stored when output_stats. Saves x, W, gamma, beta,
@@ -44,14 +81,17 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats,
-                output_stats, n_split):
+                output_stats, n_split, shortcut=None, out_bn=None):
         kc = kernels("bn_relu_conv1x1")
+        _link_shortcut(ctx, shortcut, x, residual)
         cout = weight.shape[0]
-        w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
+        w2d = weight.reshape(cout, -1).contiguous()  # the kernels round it to x's dtype as they load it
+        # The statistics outputs take no gradient: backward gets None for them, not zeros filled per call.
+        ctx.set_materialize_grads(False)
         out, stats = kc.bn_relu_conv1x1_fwd(
             x, w2d, mean, rstd, gamma, beta, stride=stride,
             bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
-            residual=residual, n_split=n_split, out_stats=output_stats, poison=poison())
+            residual=residual, n_split=n_split, out_stats=output_stats, out_bn=out_bn, poison=poison())
         ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
         ctx.stride, ctx.use_batch_stats, ctx.n_split = stride, use_batch_stats, n_split
         ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
@@ -68,32 +108,36 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
         kc = kernels("bn_relu_conv1x1")
         s, n_split = ctx.stride, ctx.n_split
         poisoned = poison()
-
-        def as_cl(g):
-            return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
-
-        dy = as_cl(grads[0])
-        dy2 = as_cl(grads[1]) if n_split else None
         cout = weight.shape[0]
+        splits = (n_split, cout - n_split) if n_split else (cout,)
+        if all(g is None for g in grads[:len(splits)]):  # no output reaches the loss
+            return (None,) * 14
+        dy, *dy2 = (_grad_in(g, x, c, s) for g, c in zip(grads, splits))
+        dy2 = dy2[0] if n_split else None
         need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
-        dx = dw = dgamma = dbeta = None
+        dx = dw = dgamma = dbeta = shortcut_grad = None
+        if ctx.shortcut is not None and not ctx.has_residual:  # the identity shortcut's gradient, if sent
+            shortcut_grad, ctx.shortcut.grad = ctx.shortcut.grad, None
         if need_w:
-            dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=s, dy2=dy2, poison=poisoned)
-            dw = dw.view(weight.shape).to(weight.dtype)
+            dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=s, dy2=dy2,
+                                           out_dtype=weight.dtype, poison=poisoned).view(weight.shape)
         if need_x or need_g or need_b:
-            w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
+            w2d = weight.reshape(cout, -1).contiguous()
             dz, dbeta_f, dgamma_f = kc.bn_relu_conv1x1_bwd_dz(dy, w2d, x, mean, rstd, gamma, beta, stride=s,
                                                               dy2=dy2, poison=poisoned)
             if need_x:
                 dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta_f, dgamma_f, stride=s,
-                                               batch_stats=ctx.use_batch_stats, poison=poisoned)
+                                               batch_stats=ctx.use_batch_stats, add_grad=shortcut_grad,
+                                               poison=poisoned)
             dgamma = dgamma_f.to(gamma.dtype) if need_g else None
             dbeta = dbeta_f.to(beta.dtype) if need_b else None
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[6]:
             dbias = dy.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
         dres = dy if ctx.has_residual and ctx.needs_input_grad[7] else None
-        return dx, dw, dgamma, dbeta, None, None, dbias, dres, None, None, None, None
+        if dres is not None and ctx.shortcut is not None:  # the receiving call's dx pass adds it
+            ctx.shortcut.grad, dres = dres, None
+        return dx, dw, dgamma, dbeta, None, None, dbias, dres, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,9 +269,37 @@ def _out_shape(x, cout, stride):
     return (n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
+def _output_bn(bn, y_shape, channels, output_stats, name="output_bn"):
+    """The kernel's finishing arguments for `bn`, the BatchNorm consuming y in training (None: no BN, or
+    one that normalises y with its running statistics, which bn_statistics then takes)."""
+    if bn is None:
+        return None
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != channels:
+        raise ValueError(f"bn_relu_conv1x1: {name} must be the BatchNorm2d({channels}) that consumes the "
+                         f"output, got {bn!r}")
+    if not output_stats:
+        raise ValueError(f"bn_relu_conv1x1: {name} needs output_stats=True (the statistics it finishes)")
+    args = bn_args(bn)
+    if not args["training"]:
+        return None
+    if y_shape[0] * y_shape[2] * y_shape[3] <= 1:
+        raise ValueError(f"{type(bn).__name__}: training needs more than 1 value per channel (x has shape "
+                         f"{tuple(y_shape)}); use a larger batch or eval mode")
+    return dict(eps=bn.eps, running_mean=args["running_mean"], running_var=args["running_var"],
+                num_batches_tracked=args["num_batches_tracked"], momentum=bn.momentum)
+
+
+def _taken(bn, y, stats, finished):
+    """(mean, var, rstd, use_batch_stats) of `bn` normalising y: finished by the kernel, or bn_statistics."""
+    if finished is not None:
+        return (*stats, True)
+    return bn_statistics(bn, y, input_stats=stats)
+
+
 def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, running_var=None, *,
                     num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5, stride=1,
-                    conv_bias=None, residual=None, input_stats=None, output_stats=False):
+                    conv_bias=None, residual=None, input_stats=None, output_stats=False, shortcut_grad=None,
+                    output_bn=None):
     """relu(BatchNorm2d(x)) followed by a 1x1 Conv2d (stride 1 or 2), optionally + residual.
 
     x: [N, C, H, W], channels-last preferred (any other layout is converted once).
@@ -235,8 +307,15 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     running_mean, running_var, num_batches_tracked: updated in place in training mode, as nn.BatchNorm2d.
     input_stats: optional (mean, biased var) fp32 [C] of x from a producer; skips the statistics pass.
     output_stats: also return (mean, biased var) fp32 [Cout] of y as stored (the next BN's statistics).
+    shortcut_grad: a ShortcutGrad shared with the unit's other fused 1x1 call (see ShortcutGrad), so that
+    x's identity-shortcut gradient is added in the dx pass.
+    output_bn (with output_stats): the BatchNorm2d that consumes y; it is finished from y's statistics in
+    the same launch (rstd, its running-statistics update, num_batches_tracked), and the statistics
+    returned are bn_statistics(output_bn, y, input_stats=(mean, var)): (mean, var, rstd, use_batch_stats),
+    which output_bn's op then takes as its input_stats (nothing is computed or updated a second time).
     Under torch.autocast, x (and residual) are cast to the autocast dtype and y is in it.
-    Returns y (channels-last), or (y, (mean, var)) when output_stats.
+    Returns y (channels-last), or (y, (mean, var)) when output_stats ((y, (mean, var, rstd,
+    use_batch_stats)) with output_bn).
     """
     stride = _stride_int(stride)
     x = _prepare_x(x)
@@ -247,12 +326,22 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     gamma, beta, mean, rstd, use_batch_stats = _bn_vectors(
         x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         input_stats)
+    if shortcut_grad is not None and not isinstance(shortcut_grad, ShortcutGrad):
+        raise TypeError(f"bn_relu_conv1x1: shortcut_grad must be a ShortcutGrad or None, got "
+                        f"{type(shortcut_grad).__name__}")
+    y_shape = _out_shape(x, cout, stride)
     if use_triton(x):
+        fin = _output_bn(output_bn, y_shape, cout, output_stats)
         outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual,
-                                          stride, use_batch_stats, bool(output_stats), 0)
+                                          stride, use_batch_stats, bool(output_stats), 0, shortcut_grad, fin)
+        if output_bn is not None:
+            return outs[0], _taken(output_bn, outs[0], outs[1:], fin)
         return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
+    _output_bn(output_bn, y_shape, cout, output_stats)
     y = _BNReLUConv1x1Torch.apply(x, conv_weight, gamma, beta, mean, rstd, stride, conv_bias, residual,
                                   use_batch_stats)
+    if output_bn is not None:
+        return y, _taken(output_bn, y, tuple(t.detach() for t in batch_stats_torch(y)), None)
     if output_stats:
         return y, tuple(t.detach() for t in batch_stats_torch(y))
     return y
@@ -260,13 +349,15 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
 
 def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, running_var=None, *,
                          num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5, stride_a=1,
-                         stride_b=1, input_stats=None, output_stats_a=False):
+                         stride_b=1, input_stats=None, output_stats_a=False, output_bn_a=None):
     """One pre-activation relu(BN(x)) feeding two 1x1 convs: (y_a, y_b) = (a (*) w_a, a (*) w_b).
 
     E.g. a pre-activation unit's first conv (w_a) and its projection shortcut (w_b). BN statistics are
     computed and the running statistics updated ONCE. With stride_a == stride_b the two convs run as one
     GEMM over the concatenated weights (two contiguous channels-last outputs); otherwise two launches.
-    Returns (y_a, y_b), or ((y_a, (mean_a, var_a)), y_b) when output_stats_a.
+    Returns (y_a, y_b), or ((y_a, (mean_a, var_a)), y_b) when output_stats_a; with output_bn_a (the
+    BatchNorm2d consuming y_a, finished in the same launch as in bn_relu_conv1x1's output_bn),
+    ((y_a, (mean_a, var_a, rstd_a, use_batch_stats_a)), y_b).
     """
     stride_a = _stride_int(stride_a, "stride_a")
     stride_b = _stride_int(stride_b, "stride_b")
@@ -278,19 +369,20 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
         input_stats)
     ca = w_a.shape[0]
     stats_a = None
+    fin = _output_bn(output_bn_a, _out_shape(x, ca, stride_a), ca, output_stats_a, "output_bn_a")
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
         outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), ca)
+                                          use_batch_stats, bool(output_stats_a), ca, None, fin)
         y_a, y_b = outs[0], outs[1]
         if output_stats_a:
-            stats_a = (outs[2][:ca], outs[3][:ca])
+            stats_a = (outs[2][:ca], outs[3][:ca], *outs[4:])
     elif use_triton(x):
         outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), 0)
+                                          use_batch_stats, bool(output_stats_a), 0, None, fin)
         y_a = outs[0]
         if output_stats_a:
-            stats_a = (outs[1], outs[2])
+            stats_a = tuple(outs[1:])
         y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
                                          use_batch_stats, False, 0)[0]
     else:
@@ -298,6 +390,9 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
         y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch_stats)
         if output_stats_a:
             stats_a = tuple(t.detach() for t in batch_stats_torch(y_a))
+        fin = None
+    if output_bn_a is not None:
+        stats_a = _taken(output_bn_a, y_a, stats_a[:2], fin) if fin is None else (*stats_a, True)
     return ((y_a, stats_a), y_b) if output_stats_a else (y_a, y_b)
 
 

@@ -7,15 +7,19 @@ kernels="fused". Only forward changes.
 Pre-act bottleneck, training (the hot path of ResNet-164/1001/200):
 
     (h1, stats2), shortcut = bn_relu_conv1x1_dual(x; norm1; conv1, downsample; input_stats=stats1)
-                             [or bn_relu_conv1x1 when the shortcut is the identity]
+                             [or bn_relu_conv1x1 when the shortcut is the identity]; the same launch
+                             finishes norm2 from stats2 (rstd, running statistics: output_bn)
     h2 = conv2(relu(norm2(h1)))   one Triton BN-ReLU pass feeding cuDNN's 3x3, recomputed in backward
     y, stats_out = bn_relu_conv1x1(h2; norm3; conv3; residual=shortcut), BN3's statistics from one
-                   batch_stats pass (cuDNN's 3x3 cannot emit them)
+                   batch_stats launch (cuDNN's 3x3 cannot emit them)
 
-stats1 are the statistics of x emitted by the previous unit's last epilogue (None for the first unit:
-measured here), stats2 come from conv1's epilogue, and stats_out (of y = conv3(...) + shortcut, as
-stored) become the next unit's stats1. Saved for backward: x, h1, h2 (and per-channel vectors), against
-x, relu(bn1(x)), h1, relu(bn2(h1)), h2, relu(bn3(h2)) for the stock unit.
+With the identity shortcut, conv3's backward hands the shortcut's gradient to conv1's dx pass
+(functional.ShortcutGrad), which adds it: autograd launches no separate gradient add.
+
+stats1 are the statistics of x emitted by the previous unit's last epilogue, whose launch also finished
+norm1 (None for the first unit: measured here), stats2 come from conv1's epilogue, and stats_out (of
+y = conv3(...) + shortcut, as stored) become the next unit's stats1. Saved for backward: x, h1, h2 (and
+per-channel vectors), against x, relu(bn1(x)), h1, relu(bn2(h1)), h2, relu(bn3(h2)) for the stock unit.
 """
 from __future__ import annotations
 
@@ -35,27 +39,33 @@ class FusedPreActBottleneck(PreActBottleneck):
     def forward(self, x):
         return self.forward_with_stats(x, None)[0]
 
-    def forward_with_stats(self, x, stats=None):
-        """(unit output, its batch statistics or None); `stats`: x's batch statistics, or None."""
+    def forward_with_stats(self, x, stats=None, next_bn=None):
+        """(unit output, its batch statistics or None); `stats`: x's batch statistics, or None; next_bn:
+        the BatchNorm consuming the output, finished in conv3's launch (then the statistics returned are
+        the (mean, var, rstd, use_batch_stats) it normalises with)."""
         emit = self.training  # statistics are only worth emitting for a consumer in training mode
+        link, norm2 = None, self.norm2 if self.training else None  # norm2 is finished by conv1's launch
         if self.norm1 is not None:
             n1 = self.norm1
             if self.downsample is not None:
                 out = Fp.bn_relu_conv1x1_dual(
                     x, self.conv1.weight, self.downsample.weight, stride_a=self.conv1.stride[0],
                     stride_b=self.downsample.stride[0], input_stats=stats, output_stats_a=emit,
-                    **Fp.bn_args(n1))
-                (h1, stats2), shortcut = out if emit else ((out[0], None), out[1])
-            else:
+                    output_bn_a=norm2, **Fp.bn_args(n1))
+                (h1, taken2), shortcut = out if emit else ((out[0], None), out[1])
+            else:  # identity shortcut: conv1's dx pass adds its gradient (sent by conv3's backward)
+                link = Fp.ShortcutGrad()
                 out = Fp.bn_relu_conv1x1(x, self.conv1.weight, stride=self.conv1.stride[0], input_stats=stats,
-                                         output_stats=emit, **Fp.bn_args(n1))
-                h1, stats2 = out if emit else (out, None)
+                                         output_stats=emit, output_bn=norm2, shortcut_grad=link,
+                                         **Fp.bn_args(n1))
+                h1, taken2 = out if emit else (out, None)
                 shortcut = x
         else:  # the first ImageNet unit: the stem already applied BN-ReLU
-            h1, stats2 = self.conv1(x), None
+            h1, taken2 = self.conv1(x), None
             shortcut = self.downsample(x) if self.downsample is not None else x
-        h2 = Fp.bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=stats2)
+        h2 = Fp.bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=taken2)
         out = Fp.bn_relu_conv1x1(h2, self.conv3.weight, residual=shortcut, output_stats=emit,
+                                 output_bn=next_bn if emit else None, shortcut_grad=link if shortcut is x else None,
                                  **Fp.bn_args(self.norm3))
         return out if emit else (out, None)
 
@@ -67,7 +77,7 @@ class FusedPreActBasic(PreActBasic):
     def forward(self, x):
         return self.forward_with_stats(x, None)[0]
 
-    def forward_with_stats(self, x, stats=None):
+    def forward_with_stats(self, x, stats=None, next_bn=None):  # emits no statistics: next_bn unused
         if self.norm1 is not None:
             taken = Fp.bn_statistics(self.norm1, x, stats)
             h1 = Fp.bn_relu_conv2d(x, self.norm1, self.conv1, stats=taken)

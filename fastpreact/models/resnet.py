@@ -61,8 +61,9 @@ class ResNet(nn.Module):
     layers: units per stage; widths: per-stage widths (a bottleneck's output is 4x its width); the stem
     has widths[0] channels. conv_layer/norm_layer: the factories every piece is built from; stem_cls:
     the stem's container (an nn.Sequential of conv, norm[, pool]).
-    chain_stats: units implement forward_with_stats(x, stats) -> (y, stats of y), so that in training
-    the batch statistics flow from each unit's last kernel to the next unit's first (fused_units.py).
+    chain_stats: units implement forward_with_stats(x, stats, next_bn) -> (y, stats of y), so that in
+    training the batch statistics flow from each unit's last kernel to the next unit's first, which
+    finishes next_bn, the BatchNorm consuming y, in the same launch (fused_units.py).
     """
 
     def __init__(self, unit_cls, layers, widths, num_classes, *, family="cifar", preact=True,
@@ -130,8 +131,9 @@ class ResNet(nn.Module):
         x = self.stem(x)
         if self.chain_stats and self.training:
             stats = None  # the first unit measures its own input's statistics
-            for unit in self.units():
-                x, stats = unit.forward_with_stats(x, stats)
+            units = list(self.units())
+            for unit, consumer in zip(units, [u.norm1 for u in units[1:]] + [self.norm]):
+                x, stats = unit.forward_with_stats(x, stats, next_bn=consumer)
             return self.norm(x, input_stats=stats)
         return self.norm(self.stages(x))
 
