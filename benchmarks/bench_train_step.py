@@ -110,7 +110,7 @@ def graph_step(model, opt, x, y, warmup=3):
 def saved_bytes(model, x, y):
     """Bytes autograd saves for backward in one training forward, parameters excluded, each storage once.
 
-    A device-independent figure (DESIGN.md): it is what the fused design saves less of (x, mean, rstd
+    A device-independent figure: it is what the fused design saves less of (x, mean, rstd
     and W instead of the BN and ReLU outputs). Autocast's per-step bf16 weight copies count, as they
     are saved in both variants.
     """
