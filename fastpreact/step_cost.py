@@ -46,18 +46,19 @@ __all__ = ["CLASSES", "CARDS", "CARD_PEAKS", "HOST_US", "TRITON_COSTS", "NO_LAUN
 
 # ---------------------------------------------------------------------------------------------------
 # The constants of the roofline, in one place.
-# Cards: bf16 dense matmul FLOP/s and device-to-device copy bandwidth (bytes/s). H100: both measured on
-# the card (an 8192^3 bf16 matmul, a large device-to-device copy). H200: copy bandwidth measured the same
-# way; matmul ~790 TFLOP/s, the documented rate of the H200 these benchmarks run on.
+# Cards: bf16 dense matmul FLOP/s and device-to-device copy bandwidth (bytes/s). H200: an 8192^3 bf16
+# matmul on random data ran at 769-798 TFLOP/s and a large device-to-device copy moved about 4.3 TB/s
+# (read + written) on H200 machines this project can use. H100: the same chip's matmul rate, and about
+# 90% of its 3.35 TB/s datasheet bandwidth, as a copy reaches on the H200; not measured on an H100.
 # benchmarks/_bench.py reads CARD_PEAKS from here.
 # Host: microseconds the host spends per launch. ASSUMPTIONS, not measurements (eager PyTorch dispatch of
 # one aten op with its autograd bookkeeping; a Triton launch adds Python argument binding and the
 # autotuner's cache lookup); change them here, or pass host_us= to predict().
 # ---------------------------------------------------------------------------------------------------
 CARDS = {
-    "h100": {"matmul_flops": 800e12, "copy_bytes_per_s": 3.0e12, "source": "both measured on the card"},
-    "h200": {"matmul_flops": 790e12, "copy_bytes_per_s": 4.3e12,
-             "source": "matmul: documented rate; copy: measured on the card"},
+    "h100": {"matmul_flops": 800e12, "copy_bytes_per_s": 3.0e12,
+             "source": "not measured: the H200's matmul rate (same chip), 90% of the datasheet bandwidth"},
+    "h200": {"matmul_flops": 790e12, "copy_bytes_per_s": 4.3e12, "source": "measured on an H200"},
 }
 CARD_PEAKS = {name: (c["matmul_flops"], c["copy_bytes_per_s"]) for name, c in CARDS.items()}
 HOST_US = {"aten": 6.0, "triton": 15.0}  # ASSUMED host cost per launch, microseconds
