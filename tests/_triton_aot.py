@@ -419,9 +419,13 @@ def compile_one(job):
     except Exception as exc:  # noqa: BLE001 - the compiler's error is the result
         msg = str(exc).strip() or type(exc).__name__
         return dict(status="failed", seconds=round(time.time() - start, 2), error=f"{type(exc).__name__}: {msg}"[-3000:])
+    ptx = compiled.asm.get("ptx", "")
+    # wgmma: Hopper's warpgroup matrix instructions; a tl.dot kernel without them runs on the older,
+    # slower mma path (or none), which only the PTX shows.
     result = dict(status="compiled", seconds=round(time.time() - start, 2),
                   shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0), stages=sorted(compiled.asm),
-                  ptx_bytes=len(compiled.asm.get("ptx", "")), cubin_bytes=len(compiled.asm.get("cubin", b"")))
+                  ptx_bytes=len(ptx), cubin_bytes=len(compiled.asm.get("cubin", b"")),
+                  uses_dot="tl.dot" in jf.src, wgmma=ptx.count("wgmma.mma_async"))
     if "cubin" in compiled.asm:
         result.update(_resource_usage(compiled.asm["cubin"]))
     return result
@@ -567,6 +571,7 @@ def summary(report):
                 f"stages={e['num_stages']}] {e.get('seconds', '?')}s")
         if e["status"] == "compiled":
             line += f" shared={e.get('shared_bytes')} regs={e.get('registers', '?')} spill={e.get('local_bytes', '?')}"
+            line += f" wgmma={e['wgmma']}" if e.get("uses_dot") else ""
         lines.append(line + (f"  WARNING {e['warning']}" if "warning" in e else ""))
         if e["status"] != "compiled":
             lines.append("      " + e.get("error", "").replace("\n", "\n      "))

@@ -79,6 +79,24 @@ def test_every_kernel_variant_compiles_for_sm90(report):
     assert compiled == set(report["launched"]), sorted(set(report["launched"]) - compiled)
 
 
+def test_no_kernel_variant_spills_registers(report):
+    # Spills go to local memory (off-chip): a tile configuration that spills is a slow one.
+    measured = [e for e in report["results"] if e["status"] == "compiled" and "local_bytes" in e]
+    assert measured, "cuobjdump reported no resource usage: registers and spills were not checked"
+    spilling = [f"{_variant(e)}: {e['local_bytes']} bytes of local memory" for e in measured if e["local_bytes"]]
+    assert not spilling, "kernel variants spill registers on sm_90:\n" + "\n".join(spilling)
+
+
+def test_16_bit_gemm_kernels_use_hopper_wgmma(report):
+    # fp16/bf16 tl.dot on sm_90 should compile to wgmma.mma_async, the tensor-core path these kernels'
+    # speed depends on.
+    gemms = [e for e in report["results"] if e["status"] == "compiled" and e.get("uses_dot")
+             and any(t in ("*fp16", "*bf16") for t in e["signature"].values())]
+    assert gemms, "no 16-bit tl.dot kernel variant was compiled"
+    without = [_variant(e) for e in gemms if not e["wgmma"]]
+    assert not without, "16-bit GEMM variants without wgmma on sm_90:\n" + "\n".join(without)
+
+
 def test_every_autotuned_kernel_has_a_config_that_fits_an_h100(report):
     # Configs over the H100's shared memory are skipped by the autotuner (a warning in the report); a
     # kernel with none left would fail at its first launch.
