@@ -1,5 +1,7 @@
-"""BatchNorm2d -> ReLU -> 1x1 Conv2d as one op: its autograd Functions (Triton and the PyTorch fallback),
-its argument checks, and what makes a Conv2d a 1x1 the op computes exactly.
+"""BatchNorm2d -> ReLU -> 1x1 Conv2d as one op: its Triton implementation as PyTorch operators
+(torch.ops.fastpreact.bn_relu_conv1x1, bn_relu_conv1x1_dual, bn_relu_conv1x1_backward: fake
+implementations, registered autograd), the PyTorch fallback's autograd Function, its argument checks,
+and what makes a Conv2d a 1x1 the op computes exactly.
 
 bn_relu_conv1x1 computes  y = relu(BN(x)) (*) W  [+ bias] [+ residual]  for a 1x1 convolution W, with
 BatchNorm in training mode (batch statistics, running-statistics update with nn.BatchNorm2d's exact
@@ -22,12 +24,15 @@ values), so a training step that calls these ops can be captured in a CUDA graph
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .backends import autocast_dtype, kernels, poison, use_triton
 from .batchnorm import batch_norm_stats, batch_stats_torch, check_vec
+from .library import custom_op, no_tensor
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable"]
 
@@ -35,65 +40,166 @@ OP = "bn_relu_conv1x1"
 
 
 # ---------------------------------------------------------------------------------------------------
-# The Triton autograd Function
+# The Triton implementation (forward and backward launches), and the operators around it
 # ---------------------------------------------------------------------------------------------------
-class _BNReLUConv1x1Triton(torch.autograd.Function):
-    """relu((x - mean)*gamma*rstd + beta) (*) W on the fused kernels. Outputs: y (or y_a, y_b when
-    n_split > 0), then (mean, var) of the output as stored when output_stats. Saves x, W, gamma, beta,
-    mean, rstd (nothing else, nothing as a ctx attribute)."""
+def conv1x1_forward_impl(x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, output_stats, n_split):
+    """The forward launches: ([y] or [y_a, y_b], (mean, var) of the output as stored, or None)."""
+    kc = kernels("bn_relu_conv1x1")
+    cout = weight.shape[0]
+    w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
+    out, stats = kc.bn_relu_conv1x1_fwd(
+        x, w2d, mean, rstd, gamma, beta, stride=stride,
+        bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
+        residual=residual, n_split=n_split, out_stats=output_stats, poison=poison())
+    return (list(out) if n_split else [out]), stats
 
-    @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats,
-                output_stats, n_split):
-        kc = kernels("bn_relu_conv1x1")
-        cout = weight.shape[0]
+
+def conv1x1_backward_impl(dy, dy2, x, weight, gamma, beta, mean, rstd, stride, use_batch_stats, need_x, need_w,
+                          need_bn):
+    """The backward launches: (dx, dW, dbeta, dgamma), None where not needed; dbeta, dgamma fp32.
+    dy (and dy2, the second output's gradient of a split op) channels-last in x's dtype."""
+    kc = kernels("bn_relu_conv1x1")
+    poisoned = poison()
+    cout = weight.shape[0]
+    dx = dw = dgamma = dbeta = None
+    if need_w:
+        dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=stride, dy2=dy2, poison=poisoned)
+        dw = dw.view(weight.shape).to(weight.dtype)
+    if need_x or need_bn:
         w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
-        out, stats = kc.bn_relu_conv1x1_fwd(
-            x, w2d, mean, rstd, gamma, beta, stride=stride,
-            bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
-            residual=residual, n_split=n_split, out_stats=output_stats, poison=poison())
-        ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
-        ctx.stride, ctx.use_batch_stats, ctx.n_split = stride, use_batch_stats, n_split
-        ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
-        ctx.bias_dtype = None if conv_bias is None else conv_bias.dtype
-        outs = list(out) if n_split else [out]
-        if output_stats:
-            ctx.mark_non_differentiable(*stats)
-            outs += list(stats)
-        return tuple(outs)
+        dz, dbeta, dgamma = kc.bn_relu_conv1x1_bwd_dz(dy, w2d, x, mean, rstd, gamma, beta, stride=stride,
+                                                      dy2=dy2, poison=poisoned)
+        if need_x:
+            dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, stride=stride,
+                                           batch_stats=use_batch_stats, poison=poisoned)
+    return dx, dw, dbeta, dgamma
 
-    @staticmethod
-    def backward(ctx, *grads):
-        x, weight, gamma, beta, mean, rstd = ctx.saved_tensors
-        kc = kernels("bn_relu_conv1x1")
-        s, n_split = ctx.stride, ctx.n_split
-        poisoned = poison()
 
-        def as_cl(g):
-            return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+def _out_like(x, cout, stride):
+    n, _, h, w = _out_shape(x, cout, stride)
+    return x.new_empty((n, cout, h, w)).contiguous(memory_format=torch.channels_last)
 
-        dy = as_cl(grads[0])
-        dy2 = as_cl(grads[1]) if n_split else None
-        cout = weight.shape[0]
-        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
-        dx = dw = dgamma = dbeta = None
-        if need_w:
-            dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=s, dy2=dy2, poison=poisoned)
-            dw = dw.view(weight.shape).to(weight.dtype)
-        if need_x or need_g or need_b:
-            w2d = weight.reshape(cout, -1).to(x.dtype).contiguous()
-            dz, dbeta_f, dgamma_f = kc.bn_relu_conv1x1_bwd_dz(dy, w2d, x, mean, rstd, gamma, beta, stride=s,
-                                                              dy2=dy2, poison=poisoned)
-            if need_x:
-                dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta_f, dgamma_f, stride=s,
-                                               batch_stats=ctx.use_batch_stats, poison=poisoned)
-            dgamma = dgamma_f.to(gamma.dtype) if need_g else None
-            dbeta = dbeta_f.to(beta.dtype) if need_b else None
-        dbias = None
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            dbias = dy.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
-        dres = dy if ctx.has_residual and ctx.needs_input_grad[7] else None
-        return dx, dw, dgamma, dbeta, None, None, dbias, dres, None, None, None, None
+
+def _stats_or_none(stats, like):
+    return (no_tensor(like), no_tensor(like)) if stats is None else stats
+
+
+@custom_op("bn_relu_conv1x1")
+def _conv1x1_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
+                conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: int, use_batch_stats: bool,
+                output_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    outs, stats = conv1x1_forward_impl(x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride,
+                                       output_stats, 0)
+    return (outs[0], *_stats_or_none(stats, mean))
+
+
+@_conv1x1_op.register_fake
+def _(x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats, output_stats):
+    k = weight.shape[0] if output_stats else 0
+    return _out_like(x, weight.shape[0], stride), mean.new_empty((k,)), mean.new_empty((k,))
+
+
+@custom_op("bn_relu_conv1x1_dual")
+def _dual_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor, stride: int,
+             use_batch_stats: bool, output_stats: bool, n_split: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    outs, stats = conv1x1_forward_impl(x, weight, gamma, beta, mean, rstd, None, None, stride, output_stats,
+                                       n_split)
+    return (*outs, *_stats_or_none(stats, mean))
+
+
+@_dual_op.register_fake
+def _(x, weight, gamma, beta, mean, rstd, stride, use_batch_stats, output_stats, n_split):
+    k = weight.shape[0] if output_stats else 0
+    return (_out_like(x, n_split, stride), _out_like(x, weight.shape[0] - n_split, stride), mean.new_empty((k,)),
+            mean.new_empty((k,)))
+
+
+@custom_op("bn_relu_conv1x1_backward")
+def _backward_op(dy: Tensor, dy2: Optional[Tensor], x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor,
+                 mean: Tensor, rstd: Tensor, stride: int, use_batch_stats: bool, need_x: bool, need_w: bool,
+                 need_bn: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dW, [dbeta; dgamma] as one fp32 [2, C] tensor); an empty tensor for what is not needed."""
+    dx, dw, dbeta, dgamma = conv1x1_backward_impl(dy, dy2, x, weight, gamma, beta, mean, rstd, stride,
+                                                  use_batch_stats, need_x, need_w, need_bn)
+    return (no_tensor(x) if dx is None else dx, no_tensor(x) if dw is None else dw,
+            _two_rows(dbeta, dgamma) if need_bn else no_tensor(x))
+
+
+def _two_rows(a, b):
+    """[a; b] as one [2, C] tensor: a view where the kernels wrote them as rows of one buffer (an operator
+    may not return two aliasing tensors), else a copy."""
+    c = a.shape[0]
+    if (torch._C._is_alias_of(a, b) and a.stride() == b.stride() == (1,)
+            and b.storage_offset() - a.storage_offset() == c):
+        return a.as_strided((2, c), (c, 1), a.storage_offset())
+    return torch.stack((a, b))
+
+
+@_backward_op.register_fake
+def _(dy, dy2, x, weight, gamma, beta, mean, rstd, stride, use_batch_stats, need_x, need_w, need_bn):
+    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else no_tensor(x)
+    dw = weight.new_empty(weight.shape).contiguous() if need_w else no_tensor(x)
+    return dx, dw, (x.new_empty((2, x.shape[1]), dtype=torch.float32) if need_bn else no_tensor(x))
+
+
+def _save(ctx, inputs, output, stride, use_batch_stats):
+    x, weight, gamma, beta, mean, rstd = inputs[:6]
+    ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
+    ctx.stride, ctx.use_batch_stats = stride, use_batch_stats
+    ctx.mark_non_differentiable(*output[-2:])  # the output statistics
+    ctx.set_materialize_grads(False)  # no zero fills for them
+
+
+def _backward(ctx, dy, dy2):
+    """(dx, dW, dgamma, dbeta) through the backward operator, None where no gradient is needed."""
+    x, weight, gamma, beta, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
+    dx, dw, sums = torch.ops.fastpreact.bn_relu_conv1x1_backward(
+        dy, dy2, x, weight, gamma, beta, mean, rstd, ctx.stride, ctx.use_batch_stats, need_x, need_w,
+        need_g or need_b)
+    dbeta, dgamma = sums.unbind(0) if need_g or need_b else (None, None)
+    return (dx if need_x else None, dw if need_w else None, dgamma.to(gamma.dtype) if need_g else None,
+            dbeta.to(beta.dtype) if need_b else None)
+
+
+def _as_cl(g, x, cout, stride):
+    """An output's gradient as the backward operator takes it (zeros where the output was not used)."""
+    if g is None:
+        return _out_like(x, cout, stride).zero_()
+    return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _conv1x1_setup(ctx, inputs, output):
+    _save(ctx, inputs, output, inputs[8], inputs[9])
+    conv_bias, residual = inputs[6], inputs[7]
+    ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
+    ctx.bias_dtype = None if conv_bias is None else conv_bias.dtype
+
+
+def _conv1x1_backward(ctx, dy, _mean, _var):
+    x, weight = ctx.saved_tensors[:2]
+    dy = _as_cl(dy, x, weight.shape[0], ctx.stride)
+    dbias = None
+    if ctx.has_bias and ctx.needs_input_grad[6]:
+        dbias = dy.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+    dres = dy if ctx.has_residual and ctx.needs_input_grad[7] else None
+    return (*_backward(ctx, dy, None), None, None, dbias, dres, None, None, None)
+
+
+def _dual_setup(ctx, inputs, output):
+    _save(ctx, inputs, output, inputs[6], inputs[7])
+    ctx.n_split = inputs[9]
+
+
+def _dual_backward(ctx, dy_a, dy_b, _mean, _var):
+    x, weight = ctx.saved_tensors[:2]
+    n_a, n_b = ctx.n_split, weight.shape[0] - ctx.n_split
+    dy_a, dy_b = _as_cl(dy_a, x, n_a, ctx.stride), _as_cl(dy_b, x, n_b, ctx.stride)
+    return (*_backward(ctx, dy_a, dy_b), None, None, None, None, None, None)
+
+
+_conv1x1_op.register_autograd(_conv1x1_backward, setup_context=_conv1x1_setup)
+_dual_op.register_autograd(_dual_backward, setup_context=_dual_setup)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,9 +354,10 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
         x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         input_stats)
     if use_triton(x):
-        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual,
-                                          stride, use_batch_stats, bool(output_stats), 0)
-        return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
+        y, y_mean, y_var = torch.ops.fastpreact.bn_relu_conv1x1(
+            x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats,
+            bool(output_stats))
+        return (y, (y_mean, y_var)) if output_stats else y
     y = _BNReLUConv1x1Torch.apply(x, conv_weight, gamma, beta, mean, rstd, stride, conv_bias, residual,
                                   use_batch_stats)
     if output_stats:
@@ -280,19 +387,17 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
     stats_a = None
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
-        outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), ca)
-        y_a, y_b = outs[0], outs[1]
+        y_a, y_b, y_mean, y_var = torch.ops.fastpreact.bn_relu_conv1x1_dual(
+            x, w_cat, gamma, beta, mean, rstd, stride_a, use_batch_stats, bool(output_stats_a), ca)
         if output_stats_a:
-            stats_a = (outs[2][:ca], outs[3][:ca])
+            stats_a = (y_mean[:ca], y_var[:ca])
     elif use_triton(x):
-        outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), 0)
-        y_a = outs[0]
+        y_a, y_mean, y_var = torch.ops.fastpreact.bn_relu_conv1x1(
+            x, w_a, gamma, beta, mean, rstd, None, None, stride_a, use_batch_stats, bool(output_stats_a))
         if output_stats_a:
-            stats_a = (outs[1], outs[2])
-        y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
-                                         use_batch_stats, False, 0)[0]
+            stats_a = (y_mean, y_var)
+        y_b = torch.ops.fastpreact.bn_relu_conv1x1(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
+                                                   use_batch_stats, False)[0]
     else:
         y_a = _BNReLUConv1x1Torch.apply(x, w_a, gamma, beta, mean, rstd, stride_a, None, None, use_batch_stats)
         y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch_stats)
