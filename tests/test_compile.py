@@ -34,6 +34,7 @@ NETS = {
     "imagenet preact bottleneck": ("resnet14", dict(IMAGENET_TINY, block="bottleneck"), 32),
     "imagenet preact basic": ("resnet10", dict(IMAGENET_TINY, block="basic"), 32),
     "imagenet original bottleneck": ("resnet14", dict(IMAGENET_TINY, block="bottleneck", unit="original"), 32),
+    "imagenet original basic": ("resnet10", dict(IMAGENET_TINY, block="basic", unit="original"), 32),
 }
 
 

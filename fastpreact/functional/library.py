@@ -33,7 +33,8 @@ def implementation(func):
     """The Python implementation behind a fastpreact operator (an OpOverload, as a dispatch mode sees
     it), or None for any other operator: a mode that wants to see the kernels an operator launches
     calls this instead of the operator (whose fake implementation, under FakeTensorMode, launches none)."""
-    return _IMPLS.get(func._schema.name)
+    schema = getattr(func, "_schema", None)
+    return None if schema is None else _IMPLS.get(schema.name)
 
 
 def no_tensor(like: torch.Tensor) -> torch.Tensor:
