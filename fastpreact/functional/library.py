@@ -2,13 +2,15 @@
 them, torch.compile keeps them as opaque nodes in its graph and fake tensors flow through them.
 
 Each operator wraps one implementation function of this package (the function that launches the
-kernels) and gets a fake implementation (output shapes, strides and dtypes only). Operators that are
-differentiable get their backward through torch.library.register_autograd, saving only what the op's
-contract allows (x, W, gamma, beta, mean, rstd); the backward itself is an operator too. Running
-statistics updated in place are declared as mutated arguments, so compiled graphs keep the update.
-Operator outputs never alias their inputs or each other (PyTorch's rule for custom operators).
+kernels) and gets a fake implementation (output shapes, strides and dtypes only). The forward
+operators' backward is an operator too, called from a plain-PyTorch autograd Function that saves only
+what the op's contract allows (x, W, gamma, beta, mean, rstd) and that dynamo traces: a forward
+operator that finishes the next BatchNorm mutates that BatchNorm's buffers, and an operator that
+mutates its arguments cannot carry a registered autograd formula. Running statistics and
+num_batches_tracked updated in place are declared as mutated arguments, so compiled graphs keep the
+update. Operator outputs never alias their inputs or each other (PyTorch's rule for custom operators).
 
-torch.library.custom_op, register_fake and register_autograd are PyTorch 2.4's API.
+torch.library.custom_op and register_fake are PyTorch 2.4's API.
 """
 from __future__ import annotations
 
