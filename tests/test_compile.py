@@ -197,10 +197,11 @@ def opcheck_cases():
     bias = torch.randn(12, requires_grad=True)
     dy = channels_last(torch.randn(2, 12, 5, 5))
     ops = torch.ops.fastpreact
+    no_bn = (None,) * 5  # no consuming BatchNorm to finish
     return [
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, True, True)),
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, False, False)),
-        (ops.bn_relu_conv1x1_dual, (xg, w, g, b, mean, rstd, 1, True, True, 4)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, True, True, *no_bn)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, False, False, *no_bn)),
+        (ops.bn_relu_conv1x1_dual, (xg, w, g, b, mean, rstd, 1, True, True, 4, *no_bn)),
         # finishing the consuming BatchNorm: its running statistics and counter are mutated arguments
         (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, res, 2, True, True, torch.zeros(12), torch.ones(12),
                                torch.tensor(3), 0.1, 1e-5)),

@@ -35,6 +35,7 @@ from .conv1x1_ops import ShortcutGrad, _BNReLUConv1x1Triton, out_shape as _out_s
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable", "ShortcutGrad"]
 
 OP = "bn_relu_conv1x1"
+_NO_FINISH = (None,) * 5  # the operators' finishing arguments when no BatchNorm is finished (see _output_bn)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,8 +232,9 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
         if torch.compiler.is_compiling():
             shortcut_grad = None  # a graph returns the residual's gradient (see ShortcutGrad)
         fin = _output_bn(output_bn, y_shape, cout, output_stats)
-        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual,
-                                          stride, use_batch_stats, bool(output_stats), 0, shortcut_grad, *(fin or ()))
+        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual, stride,
+                                          use_batch_stats, bool(output_stats), 0, shortcut_grad,
+                                          *(fin or _NO_FINISH))
         if output_bn is not None:
             return outs[0], _taken(output_bn, outs[0], outs[1:] if fin else outs[1:3], fin)
         return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
@@ -272,18 +274,18 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
         outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), ca, None, *(fin or ()))
+                                          use_batch_stats, bool(output_stats_a), ca, None, *(fin or _NO_FINISH))
         y_a, y_b = outs[0], outs[1]
         if output_stats_a:
             stats_a = (outs[2][:ca], outs[3][:ca], *(outs[4:] if fin else ()))
     elif use_triton(x):
         outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), 0, None, *(fin or ()))
+                                          use_batch_stats, bool(output_stats_a), 0, None, *(fin or _NO_FINISH))
         y_a = outs[0]
         if output_stats_a:
             stats_a = tuple(outs[1:] if fin else outs[1:3])
         y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
-                                         use_batch_stats, False, 0)[0]
+                                         use_batch_stats, False, 0, None, *_NO_FINISH)[0]
     else:
         y_a = _BNReLUConv1x1Torch.apply(x, w_a, gamma, beta, mean, rstd, stride_a, None, None, use_batch_stats)
         y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch_stats)

@@ -68,6 +68,8 @@ def conv1x1_backward_impl(dy, dy2, x, weight, gamma, beta, mean, rstd, stride, u
 # ---------------------------------------------------------------------------------------------------
 # The operators
 # ---------------------------------------------------------------------------------------------------
+# (no defaults: some torch versions drop defaulted trailing arguments before bumping the mutated ones'
+# versions by position)
 _OUT_BN = ("out_running_mean", "out_running_var", "out_num_batches_tracked")
 
 
@@ -98,10 +100,9 @@ def _stats_fake(mean, cout, output_stats, finished, out_eps):
 @custom_op("bn_relu_conv1x1", mutates_args=_OUT_BN)
 def _conv1x1_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
                 conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: int, use_batch_stats: bool,
-                output_stats: bool, out_running_mean: Optional[Tensor] = None,
-                out_running_var: Optional[Tensor] = None, out_num_batches_tracked: Optional[Tensor] = None,
-                out_momentum: Optional[float] = None,
-                out_eps: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                output_stats: bool, out_running_mean: Optional[Tensor], out_running_var: Optional[Tensor],
+                out_num_batches_tracked: Optional[Tensor], out_momentum: Optional[float],
+                out_eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, var, rstd): the output's statistics when output_stats, the consuming BatchNorm's rstd
     when out_eps is given (its running statistics and counter updated in the same launch)."""
     fin = _out_bn(out_running_mean, out_running_var, out_num_batches_tracked, out_momentum, out_eps)
@@ -112,17 +113,16 @@ def _conv1x1_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Te
 
 @_conv1x1_op.register_fake
 def _(x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats, output_stats,
-      out_running_mean=None, out_running_var=None, out_num_batches_tracked=None, out_momentum=None, out_eps=None):
+      out_running_mean, out_running_var, out_num_batches_tracked, out_momentum, out_eps):
     cout = weight.shape[0]
     return (_out_like(x, cout, stride), *_stats_fake(mean, cout, output_stats, cout, out_eps))
 
 
 @custom_op("bn_relu_conv1x1_dual", mutates_args=_OUT_BN)
 def _dual_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor, stride: int,
-             use_batch_stats: bool, output_stats: bool, n_split: int, out_running_mean: Optional[Tensor] = None,
-             out_running_var: Optional[Tensor] = None, out_num_batches_tracked: Optional[Tensor] = None,
-             out_momentum: Optional[float] = None,
-             out_eps: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             use_batch_stats: bool, output_stats: bool, n_split: int, out_running_mean: Optional[Tensor],
+             out_running_var: Optional[Tensor], out_num_batches_tracked: Optional[Tensor],
+             out_momentum: Optional[float], out_eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y_a, y_b, mean, var, rstd) of one GEMM over the concatenated weights (n_split rows for y_a); the
     BatchNorm finished with out_eps is y_a's."""
     fin = _out_bn(out_running_mean, out_running_var, out_num_batches_tracked, out_momentum, out_eps)
@@ -132,8 +132,8 @@ def _dual_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Tenso
 
 
 @_dual_op.register_fake
-def _(x, weight, gamma, beta, mean, rstd, stride, use_batch_stats, output_stats, n_split, out_running_mean=None,
-      out_running_var=None, out_num_batches_tracked=None, out_momentum=None, out_eps=None):
+def _(x, weight, gamma, beta, mean, rstd, stride, use_batch_stats, output_stats, n_split, out_running_mean,
+      out_running_var, out_num_batches_tracked, out_momentum, out_eps):
     cout = weight.shape[0]
     return (_out_like(x, n_split, stride), _out_like(x, cout - n_split, stride),
             *_stats_fake(mean, cout, output_stats, n_split, out_eps))
