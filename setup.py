@@ -33,7 +33,7 @@ setup(
     package_dir={"fastpreact.kernels": "kernels"},
     # Floors admit the GPU machine's offline software (torch 2.11, triton 3.6, torchvision 0.26).
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.4",  # torch.library.custom_op / register_fake / register_autograd: the fused operators
         "torchvision>=0.19",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",

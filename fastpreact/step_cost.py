@@ -9,6 +9,9 @@ only, so ResNet-200 at batch 64 / 224 px takes seconds) and records, in order:
   - every Triton launch, intercepted at the launcher (triton's Autotuner.run, JITFunction.run and the
     interpreter's run) and recorded instead of run, with its grid and, from the kernel's arguments, the
     bytes and FLOPs of TRITON_COSTS (the analytic per-call formulas of the kernels' module headers).
+    The fused ops are PyTorch operators (torch.ops.fastpreact) whose fake implementations launch
+    nothing: the recorder runs each operator's real implementation instead, on the same (fake) tensors,
+    and records the aten ops and Triton launches inside it.
 With real=True the same step runs for real (small nets only: the Triton kernels go through the
 interpreter) and the same records are taken: the test suite checks that both counts agree.
 
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .functional.library import implementation
 from .launch_costs import (CLASSES, MATMUL_CLASSES, NO_LAUNCH, TRITON_COSTS, Launch, StepCost, aten_class,
                            aten_cost)
 
@@ -93,6 +97,17 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        impl = implementation(func)
+        if impl is not None:
+            # A fastpreact operator: its fake implementation launches nothing, so its real one runs (on
+            # the fake tensors under FakeTensorMode) with this mode on, its Triton launches intercepted.
+            with self:
+                return impl(*args, **kwargs)
+        if func.namespace == "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeImplicitAutograd"):
+            # Composite ops reach this mode only inside an operator: record what they decompose into.
+            with self:
+                return func.decompose(*args, **kwargs)
         out = func(*args, **kwargs)
         if not getattr(_TLS, "inside", False):
             name = func._overloadpacket.__name__

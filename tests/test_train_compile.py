@@ -35,3 +35,8 @@ def test_compile_with_stock_kernels_trains(tmp_path):
     proc = train(["--kernels", "stock", "--compile", "--iters", "20", *SMALL], out)
     assert_trained(proc, out, 20)
 
+
+def test_compile_with_fused_kernels_trains(tmp_path):
+    out = tmp_path / "run"
+    proc = train(["--kernels", "fused", "--compile", "--iters", "20", *SMALL], out)
+    assert_trained(proc, out, 20)

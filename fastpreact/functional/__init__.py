@@ -9,8 +9,13 @@ Modules:
               nn.BatchNorm2d) and batch_norm_stats / bn_statistics (the one statistics path)
   conv1x1     bn_relu_conv1x1, bn_relu_conv1x1_dual (kernels/bn_relu_conv1x1.py) and
               conv1x1_unfusable (which Conv2d they compute exactly, and why not)
+  conv1x1_ops their Triton side: the forward and backward launches as PyTorch operators, the autograd
+              Function around them and ShortcutGrad (the identity shortcut's gradient in the dx pass)
   bn_relu     bn_relu, bn_relu_conv2d, bn_relu_max_pool2d: the elementwise BN-ReLU pass
               (kernels/bn_relu.py) alone or feeding a 3x3 conv or the stem's max-pool
+  library     the torch.library registration helper: the Triton implementations are PyTorch operators
+              (torch.ops.fastpreact.*, with fake implementations and autograd), so dynamo and
+              torch.compile trace every op without a graph break
 
 Nothing here imports triton before a kernel first runs, and nothing synchronises with the host.
 """

@@ -10,10 +10,13 @@ through the mean and variance.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .backends import kernels, poison, rows, use_triton
+from .library import custom_op
 
 __all__ = ["batch_stats", "update_running_stats", "bn_args", "bn_statistics", "batch_norm_stats"]
 
@@ -69,8 +72,79 @@ def batch_stats(x: torch.Tensor):
                          "value per channel")
     if not use_triton(x):
         return batch_stats_torch(x)
-    x = x.contiguous(memory_format=torch.channels_last)
+    return torch.ops.fastpreact.batch_stats(x.contiguous(memory_format=torch.channels_last))
+
+
+def _per_channel(x, n):
+    return tuple(x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(n))
+
+
+def batch_stats_impl(x):
+    """The statistics launches of batch_stats: (mean, biased var) of channels-last x."""
     return kernels("batch_stats").batch_stats_rows(rows(x), poison=poison())
+
+
+@custom_op("batch_stats")
+def _batch_stats_op(x: Tensor) -> Tuple[Tensor, Tensor]:
+    return batch_stats_impl(x)
+
+
+_batch_stats_op.register_fake(lambda x: _per_channel(x, 2))
+
+
+def batch_norm_stats_impl(x, mean, var, eps, count, running_mean, running_var, num_batches_tracked, momentum,
+                          update):
+    """The statistics launch of batch_norm_stats: (mean, var, rstd); batch statistics of x when mean is
+    None; with update, the running-statistics update and num_batches_tracked's increment in the same
+    launch."""
+    ks = kernels("batch_stats")
+    run = {}
+    if update:
+        run = dict(running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
+                   momentum=momentum, increment_nbt=True)
+    if mean is None:
+        return ks.batch_stats_rows(rows(x), poison(), eps=eps, **run)
+    return mean, var, ks.bn_finalize(mean, var, eps, count, poison(), **run)
+
+
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@custom_op("batch_norm_stats")
+def _batch_norm_stats_op(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var, rstd) of channels-last x."""
+    return batch_norm_stats_impl(x, None, None, eps, None, None, None, None, None, False)
+
+
+@custom_op("batch_norm_stats_update", mutates_args=_RUNNING)
+def _batch_norm_stats_update_op(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var, rstd) of channels-last x, updating the running statistics and the counter."""
+    return batch_norm_stats_impl(x, None, None, eps, None, running_mean, running_var, num_batches_tracked,
+                                 momentum, True)
+
+
+@custom_op("bn_finalize")
+def _bn_finalize_op(mean: Tensor, var: Tensor, eps: float, count: int) -> Tensor:
+    """rstd from given (mean, biased var)."""
+    return batch_norm_stats_impl(None, mean, var, eps, count, None, None, None, None, False)[2]
+
+
+@custom_op("bn_finalize_update", mutates_args=_RUNNING)
+def _bn_finalize_update_op(mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                           momentum: Optional[float], eps: float, count: int) -> Tensor:
+    """rstd from given (mean, biased var) of `count` values, updating the running statistics and the
+    counter."""
+    return batch_norm_stats_impl(None, mean, var, eps, count, running_mean, running_var, num_batches_tracked,
+                                 momentum, True)[2]
+
+
+for _op in (_batch_norm_stats_op, _batch_norm_stats_update_op):
+    _op.register_fake(lambda x, *args: _per_channel(x, 3))
+for _op in (_bn_finalize_op, _bn_finalize_update_op):
+    _op.register_fake(lambda mean, *args: torch.empty_like(mean))
 
 
 def bn_args(bn: nn.BatchNorm2d, training: bool | None = None, shared_stats=None) -> dict:
@@ -163,14 +237,17 @@ def batch_norm_stats(x, running_mean=None, running_var=None, num_batches_tracked
         if training:
             update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
         return mean, var, torch.rsqrt(var + eps), use_batch_stats
-    ks = kernels("batch_stats")
-    run = {}
-    if training:
-        run = dict(running_mean=running_mean, running_var=running_var,
-                   num_batches_tracked=num_batches_tracked, momentum=momentum, increment_nbt=True)
+    ops = torch.ops.fastpreact
+    # In training the one launch also updates the running statistics (when given) and increments
+    # num_batches_tracked (when given): F.batch_norm's rules, on the device.
+    update = training and (running_mean is not None or num_batches_tracked is not None)
+    run = (running_mean, running_var, num_batches_tracked, momentum)
     if use_batch_stats and input_stats is None:
-        return (*ks.batch_stats_rows(rows(x), poison(), eps=eps, **run), use_batch_stats)
-    return mean, var, ks.bn_finalize(mean, var, eps, count, poison(), **run), use_batch_stats
+        x = x.detach()
+        return (*(ops.batch_norm_stats_update(x, *run, eps) if update else ops.batch_norm_stats(x, eps)),
+                use_batch_stats)
+    rstd = ops.bn_finalize_update(mean, var, *run, eps, count) if update else ops.bn_finalize(mean, var, eps, count)
+    return mean, var, rstd, use_batch_stats
 
 
 def bn_statistics(bn: nn.BatchNorm2d, x, input_stats=None):

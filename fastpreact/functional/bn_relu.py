@@ -17,24 +17,65 @@ Batch statistics may come from the producer of x (the previous kernel's epilogue
 are constants here: the dx formula above already carries the whole gradient through mean and variance.
 
 No host synchronisation and no data-dependent host logic: CUDA graphs can capture these Functions.
+The Triton passes are PyTorch operators (torch.ops.fastpreact.bn_relu, bn_relu_backward); the autograd
+Functions around them are plain PyTorch that dynamo traces (no graph break).
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .backends import autocast_dtype, autocast_off, from_rows, kernels, poison, rows, use_triton
 from .batchnorm import bn_statistics
+from .library import custom_op
 
 __all__ = ["bn_relu", "bn_relu_conv2d", "bn_relu_max_pool2d"]
+
+
+def bn_relu_forward_impl(x, gamma, beta, mean, rstd):
+    """The forward launch: relu(bn(x)) of channels-last x, channels-last."""
+    return from_rows(kernels("bn_relu").bn_relu_fwd(rows(x), gamma, beta, mean, rstd, poison=poison()), x.shape)
+
+
+def bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, use_batch_stats):
+    """The backward launches: dx of a = relu(bn(x)) given da, and the reduction's fp32 [3, C] sums
+    (dbeta, sum dz * (x - mean), dgamma), finished in its launch."""
+    k = kernels("bn_relu")
+    x2d, da2d = rows(x), rows(da).contiguous()
+    sums = k.bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=poison())
+    dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, use_batch_stats, poison=poison())
+    return from_rows(dx, x.shape), sums
+
+
+@custom_op("bn_relu")
+def _bn_relu_op(x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    return bn_relu_forward_impl(x, gamma, beta, mean, rstd)
+
+
+_bn_relu_op.register_fake(lambda x, *args: torch.empty_like(x, memory_format=torch.channels_last))
+
+
+@custom_op("bn_relu_backward")
+def _bn_relu_backward_op(da: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
+                         use_batch_stats: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, [dbeta; sum dz * (x - mean); dgamma] fp32 [3, C]): one tensor for the sums, which the
+    reduction writes as rows of one buffer (an operator may not return aliasing tensors)."""
+    return bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, use_batch_stats)
+
+
+@_bn_relu_backward_op.register_fake
+def _(da, x, gamma, beta, mean, rstd, use_batch_stats):
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            x.new_empty((3, x.shape[1]), dtype=torch.float32))
 
 
 def _bn_relu_apply(x, gamma, beta, mean, rstd):
     """relu((x - mean) * scale + beta) in fp32 arithmetic, stored in x's dtype, channels-last."""
     if use_triton(x):
-        return from_rows(kernels("bn_relu").bn_relu_fwd(rows(x), gamma, beta, mean, rstd, poison=poison()),
-                         x.shape)
+        return torch.ops.fastpreact.bn_relu(x, gamma, beta, mean, rstd)
     scale = gamma.float() * rstd
     z = (x.float() - mean[None, :, None, None]) * scale[None, :, None, None] + beta.float()[None, :, None, None]
     return F.relu(z).to(x.dtype).contiguous(memory_format=torch.channels_last)
@@ -43,11 +84,8 @@ def _bn_relu_apply(x, gamma, beta, mean, rstd):
 def _bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats):
     """(dx, dgamma, dbeta) of a = relu(bn(x)) given da (see the module docstring)."""
     if use_triton(x):
-        k = kernels("bn_relu")
-        x2d, da2d = rows(x), rows(da).contiguous()
-        sums = k.bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=poison())
-        dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, use_batch_stats, poison=poison())
-        return from_rows(dx, x.shape), sums[2], sums[0]  # dgamma, dbeta: finished by the reduction
+        dx, sums = torch.ops.fastpreact.bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats)
+        return dx, sums[2], sums[0]  # dgamma, dbeta: finished by the reduction
     count = x.numel() // x.shape[1]
     scale = gamma.float() * rstd
     xc = x.float() - mean[None, :, None, None]

@@ -1,5 +1,7 @@
-"""BatchNorm2d -> ReLU -> 1x1 Conv2d as one op: its autograd Functions (Triton and the PyTorch fallback),
-its argument checks, and what makes a Conv2d a 1x1 the op computes exactly.
+"""BatchNorm2d -> ReLU -> 1x1 Conv2d as one op: its entry points, the PyTorch fallback's autograd
+Function, its argument checks, and what makes a Conv2d a 1x1 the op computes exactly. The Triton side
+(the PyTorch operators torch.ops.fastpreact.bn_relu_conv1x1, bn_relu_conv1x1_dual,
+bn_relu_conv1x1_backward and their autograd Function) is conv1x1_ops.
 
 bn_relu_conv1x1 computes  y = relu(BN(x)) (*) W  [+ bias] [+ residual]  for a 1x1 convolution W, with
 BatchNorm in training mode (batch statistics, running-statistics update with nn.BatchNorm2d's exact
@@ -26,118 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import autocast_dtype, kernels, poison, use_triton
+from .backends import autocast_dtype, use_triton
 from .batchnorm import batch_norm_stats, batch_stats_torch, bn_args, bn_statistics, check_vec
+from .conv1x1_ops import ShortcutGrad, _BNReLUConv1x1Triton, out_shape as _out_shape  # noqa: F401
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable", "ShortcutGrad"]
 
 OP = "bn_relu_conv1x1"
+_NO_FINISH = (None,) * 5  # the operators' finishing arguments when no BatchNorm is finished (see _output_bn)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The Triton autograd Function
+# The Triton implementation (forward and backward launches), and the operators around it
 # ---------------------------------------------------------------------------------------------------
-class ShortcutGrad:
-    """An identity shortcut's gradient, handed between the two fused 1x1 calls of one residual unit: the
-    call that reads x (shortcut_grad=slot, no residual) and the later call that adds x back
-    (residual=x, shortcut_grad=slot, its output computed from the first call's). The later call's
-    backward leaves the residual's gradient here instead of returning it, and the first call's dx pass
-    adds it, so no separate gradient add is launched. Make one per forward; Triton calls only (the
-    torch fallback returns the gradient as usual)."""
-
-    __slots__ = ("armed", "grad")
-
-    def __init__(self):
-        self.armed, self.grad = None, None  # armed: (shape, dtype) of the receiving call's x
-
-
-def _link_shortcut(ctx, shortcut, x, residual):
-    """Arm `shortcut` for the receiving call (no residual) or take it for the sending one (residual of
-    the receiver's x's shape and dtype); ctx.shortcut is the slot this call uses, or None."""
-    ctx.shortcut = None
-    if shortcut is None:
-        return
-    if residual is None:
-        shortcut.armed, shortcut.grad = (tuple(x.shape), x.dtype), None
-        ctx.shortcut = shortcut
-    elif shortcut.armed == (tuple(residual.shape), residual.dtype):
-        ctx.shortcut = shortcut
-
-
-def _grad_in(g, x, channels, stride):
-    """An output's gradient as the kernels take it: x's dtype, channels-last contiguous; None (the output
-    does not reach the loss) is 0."""
-    if g is None:
-        n, _, h, w = x.shape
-        shape = (n, channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
-        return x.new_zeros(shape).contiguous(memory_format=torch.channels_last)
-    return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
-
-
-class _BNReLUConv1x1Triton(torch.autograd.Function):
-    """relu((x - mean)*gamma*rstd + beta) (*) W on the fused kernels. Outputs: y (or y_a, y_b when
-    n_split > 0), then (mean, var) of the output as stored when output_stats. Saves x, W, gamma, beta,
-    mean, rstd (nothing else, nothing as a ctx attribute)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, use_batch_stats,
-                output_stats, n_split, shortcut=None, out_bn=None):
-        kc = kernels("bn_relu_conv1x1")
-        _link_shortcut(ctx, shortcut, x, residual)
-        cout = weight.shape[0]
-        w2d = weight.reshape(cout, -1).contiguous()  # the kernels round it to x's dtype as they load it
-        # The statistics outputs take no gradient: backward gets None for them, not zeros filled per call.
-        ctx.set_materialize_grads(False)
-        out, stats = kc.bn_relu_conv1x1_fwd(
-            x, w2d, mean, rstd, gamma, beta, stride=stride,
-            bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
-            residual=residual, n_split=n_split, out_stats=output_stats, out_bn=out_bn, poison=poison())
-        ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
-        ctx.stride, ctx.use_batch_stats, ctx.n_split = stride, use_batch_stats, n_split
-        ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
-        ctx.bias_dtype = None if conv_bias is None else conv_bias.dtype
-        outs = list(out) if n_split else [out]
-        if output_stats:
-            ctx.mark_non_differentiable(*stats)
-            outs += list(stats)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x, weight, gamma, beta, mean, rstd = ctx.saved_tensors
-        kc = kernels("bn_relu_conv1x1")
-        s, n_split = ctx.stride, ctx.n_split
-        poisoned = poison()
-        cout = weight.shape[0]
-        splits = (n_split, cout - n_split) if n_split else (cout,)
-        if all(g is None for g in grads[:len(splits)]):  # no output reaches the loss
-            return (None,) * 14
-        dy, *dy2 = (_grad_in(g, x, c, s) for g, c in zip(grads, splits))
-        dy2 = dy2[0] if n_split else None
-        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
-        dx = dw = dgamma = dbeta = shortcut_grad = None
-        if ctx.shortcut is not None and not ctx.has_residual:  # the identity shortcut's gradient, if sent
-            shortcut_grad, ctx.shortcut.grad = ctx.shortcut.grad, None
-        if need_w:
-            dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=s, dy2=dy2,
-                                           out_dtype=weight.dtype, poison=poisoned).view(weight.shape)
-        if need_x or need_g or need_b:
-            w2d = weight.reshape(cout, -1).contiguous()
-            dz, dbeta_f, dgamma_f = kc.bn_relu_conv1x1_bwd_dz(dy, w2d, x, mean, rstd, gamma, beta, stride=s,
-                                                              dy2=dy2, poison=poisoned)
-            if need_x:
-                dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta_f, dgamma_f, stride=s,
-                                               batch_stats=ctx.use_batch_stats, add_grad=shortcut_grad,
-                                               poison=poisoned)
-            dgamma = dgamma_f.to(gamma.dtype) if need_g else None
-            dbeta = dbeta_f.to(beta.dtype) if need_b else None
-        dbias = None
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            dbias = dy.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
-        dres = dy if ctx.has_residual and ctx.needs_input_grad[7] else None
-        if dres is not None and ctx.shortcut is not None:  # the receiving call's dx pass adds it
-            ctx.shortcut.grad, dres = dres, None
-        return dx, dw, dgamma, dbeta, None, None, dbias, dres, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,14 +167,10 @@ def _bn_vectors(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tr
     return gamma.float().contiguous(), beta.float().contiguous(), mean, rstd, use_batch_stats
 
 
-def _out_shape(x, cout, stride):
-    n, _, h, w = x.shape
-    return (n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
-
-
 def _output_bn(bn, y_shape, channels, output_stats, name="output_bn"):
-    """The kernel's finishing arguments for `bn`, the BatchNorm consuming y in training (None: no BN, or
-    one that normalises y with its running statistics, which bn_statistics then takes)."""
+    """The operators' finishing arguments for `bn`, the BatchNorm consuming y in training: (running_mean,
+    running_var, num_batches_tracked, momentum, eps); None: no BN, or one that normalises y with its
+    running statistics, which bn_statistics then takes."""
     if bn is None:
         return None
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != channels:
@@ -285,8 +184,7 @@ def _output_bn(bn, y_shape, channels, output_stats, name="output_bn"):
     if y_shape[0] * y_shape[2] * y_shape[3] <= 1:
         raise ValueError(f"{type(bn).__name__}: training needs more than 1 value per channel (x has shape "
                          f"{tuple(y_shape)}); use a larger batch or eval mode")
-    return dict(eps=bn.eps, running_mean=args["running_mean"], running_var=args["running_var"],
-                num_batches_tracked=args["num_batches_tracked"], momentum=bn.momentum)
+    return (args["running_mean"], args["running_var"], args["num_batches_tracked"], bn.momentum, float(bn.eps))
 
 
 def _taken(bn, y, stats, finished):
@@ -331,11 +229,14 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
                         f"{type(shortcut_grad).__name__}")
     y_shape = _out_shape(x, cout, stride)
     if use_triton(x):
+        if torch.compiler.is_compiling():
+            shortcut_grad = None  # a graph returns the residual's gradient (see ShortcutGrad)
         fin = _output_bn(output_bn, y_shape, cout, output_stats)
-        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual,
-                                          stride, use_batch_stats, bool(output_stats), 0, shortcut_grad, fin)
+        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual, stride,
+                                          use_batch_stats, bool(output_stats), 0, shortcut_grad,
+                                          *(fin or _NO_FINISH))
         if output_bn is not None:
-            return outs[0], _taken(output_bn, outs[0], outs[1:], fin)
+            return outs[0], _taken(output_bn, outs[0], outs[1:] if fin else outs[1:3], fin)
         return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
     _output_bn(output_bn, y_shape, cout, output_stats)
     y = _BNReLUConv1x1Torch.apply(x, conv_weight, gamma, beta, mean, rstd, stride, conv_bias, residual,
@@ -373,18 +274,18 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
         outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), ca, None, fin)
+                                          use_batch_stats, bool(output_stats_a), ca, None, *(fin or _NO_FINISH))
         y_a, y_b = outs[0], outs[1]
         if output_stats_a:
-            stats_a = (outs[2][:ca], outs[3][:ca], *outs[4:])
+            stats_a = (outs[2][:ca], outs[3][:ca], *(outs[4:] if fin else ()))
     elif use_triton(x):
         outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), 0, None, fin)
+                                          use_batch_stats, bool(output_stats_a), 0, None, *(fin or _NO_FINISH))
         y_a = outs[0]
         if output_stats_a:
-            stats_a = tuple(outs[1:])
+            stats_a = tuple(outs[1:] if fin else outs[1:3])
         y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
-                                         use_batch_stats, False, 0)[0]
+                                         use_batch_stats, False, 0, None, *_NO_FINISH)[0]
     else:
         y_a = _BNReLUConv1x1Torch.apply(x, w_a, gamma, beta, mean, rstd, stride_a, None, None, use_batch_stats)
         y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch_stats)

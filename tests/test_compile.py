@@ -1,0 +1,256 @@
+"""The fused ops under dynamo, torch.compile and fake tensors (the Triton path, through the interpreter).
+
+- dynamo traces every fused unit type, the dual op, the BN-ReLU ops and fuse()'d models in one graph
+  (no graph break), with the fastpreact operators in it (so the Triton path was traced, not a fallback);
+- the compiled training step (aot_eager, inductor) equals the eager one: outputs, gradients, running
+  statistics and num_batches_tracked;
+- the operators pass torch.library.opcheck (schema and declared mutations, fake implementation against
+  the real one, autograd registration);
+- a whole fused ResNet-200 training step runs on fake tensors (nothing launched).
+"""
+import collections
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastpreact
+from fastpreact import functional as Fp
+from fastpreact.fuse import fused_chains
+from fastpreact.models import create_model
+
+pytestmark = pytest.mark.skipif(Fp.backend("cpu") != "triton",
+                                reason="needs the Triton backend on the CPU (TRITON_INTERPRET=1)")
+
+IMAGENET_TINY = dict(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), family="imagenet")
+NETS = {
+    # name: (arch, create_model keywords, input size)
+    "preact bottleneck": ("resnet11", dict(unit="preact", widths=(4, 8, 8)), 8),
+    "preact basic": ("resnet8", dict(unit="preact", widths=(4, 8, 8)), 8),
+    "original bottleneck": ("resnet11", dict(unit="original", widths=(4, 8, 8)), 8),
+    "original basic": ("resnet8", dict(unit="original", widths=(4, 8, 8)), 8),
+    "imagenet preact bottleneck": ("resnet14", dict(IMAGENET_TINY, block="bottleneck"), 32),
+    "imagenet preact basic": ("resnet10", dict(IMAGENET_TINY, block="basic"), 32),
+    "imagenet original bottleneck": ("resnet14", dict(IMAGENET_TINY, block="bottleneck", unit="original"), 32),
+    "imagenet original basic": ("resnet10", dict(IMAGENET_TINY, block="basic", unit="original"), 32),
+}
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def small_net(name, seed=0):
+    arch, kw, size = NETS[name]
+    torch.manual_seed(seed)
+    model = create_model(arch, 10, kernels="fused", **kw).to(memory_format=torch.channels_last)
+    return model, channels_last(torch.randn(2, 3, size, size))
+
+
+def one_graph(fn, *args):
+    """The fastpreact operators in dynamo's graph of fn(*args) ({name: calls}, autograd.Function bodies
+    included), asserting that it is one graph, without a break."""
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(fn)(*args)
+    assert ex.graph_break_count == 0, [str(r) for r in ex.break_reasons]
+    assert ex.graph_count == 1
+    names = [str(node.target).split(".")[1] for gm in ex.graphs[0].modules() if isinstance(gm, torch.fx.GraphModule)
+             for node in gm.graph.nodes if node.op == "call_function" and str(node.target).startswith("fastpreact.")]
+    return collections.Counter(names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# No graph break
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(NETS))
+def test_fused_units_trace_without_graph_break(name):
+    model, x = small_net(name)
+    ops = {"preact bottleneck": "bn_relu_conv1x1_dual", "original bottleneck": "bn_relu_conv1x1",
+           "imagenet original bottleneck": "bn_relu_conv1x1", "imagenet preact bottleneck": "bn_relu_conv1x1"}
+    for train in (True, False):
+        model.train(train)
+        graph = one_graph(model, x)
+        assert ("batch_norm_stats_update" in graph) == train
+        if name in ops:
+            assert ops[name] in graph
+        if "preact basic" in name:
+            assert "bn_relu" in graph
+
+
+def test_dual_op_traces_without_graph_break():
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 8, 6, 6))
+    w_a, w_b = torch.randn(4, 8, 1, 1, requires_grad=True), torch.randn(16, 8, 1, 1, requires_grad=True)
+    bn = nn.BatchNorm2d(8)
+
+    def dual(x, stride_b):
+        (y_a, (mean, var)), y_b = Fp.bn_relu_conv1x1_dual(
+            x, w_a, w_b, **Fp.bn_args(bn), stride_a=1, stride_b=stride_b, output_stats_a=True)
+        return y_a.sum() + y_b.sum() + mean.sum() + var.sum()
+
+    assert "bn_relu_conv1x1_dual" in one_graph(dual, x, 1)
+    assert one_graph(dual, x, 2)["bn_relu_conv1x1"] == 2
+
+
+def test_bn_relu_ops_trace_without_graph_break():
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 8, 6, 6))
+    bn, conv, pool = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.MaxPool2d(3, 2, 1)
+
+    def f(x):
+        mean, var = Fp.batch_stats(x)
+        return (Fp.bn_relu(x, bn).sum() + Fp.bn_relu_conv2d(x, bn, conv).sum()
+                + Fp.bn_relu_max_pool2d(x, bn, pool).sum() + mean.sum() + var.sum())
+
+    graph = one_graph(f, x)
+    for op in ("batch_stats", "batch_norm_stats_update", "bn_relu", "bn_relu_backward"):
+        assert op in graph
+    bn.eval()
+    assert "bn_finalize" in one_graph(f, x)
+
+
+def _fused(model):
+    fused = fastpreact.fuse(model)
+    assert sum(fused_chains(fused).values()) > 0
+    return fused
+
+
+def test_fused_sequential_traces_without_graph_break():
+    seq = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1, bias=False))
+    assert "bn_relu_conv1x1" in one_graph(_fused(seq), torch.randn(2, 8, 4, 4))
+
+
+def test_fused_torchvision_bottleneck_traces_without_graph_break():
+    tvr = pytest.importorskip("torchvision.models.resnet")
+    torch.manual_seed(0)
+    projection = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    model = nn.Sequential(tvr.Bottleneck(16, 4), tvr.Bottleneck(16, 8, stride=2, downsample=projection))
+    graph = one_graph(_fused(model), channels_last(torch.randn(2, 16, 8, 8)))
+    assert "bn_relu_conv1x1" in graph
+
+
+def test_fused_timm_batchnormact_traces_without_graph_break():
+    timm = pytest.importorskip("timm")
+    from timm.models.resnetv2 import ResNetV2
+    torch.manual_seed(0)
+    model = ResNetV2(layers=(1, 1), channels=(16, 32), stem_chs=8, num_classes=10,
+                     conv_layer=timm.layers.create_conv2d, norm_layer=timm.layers.BatchNormAct2d)
+    graph = one_graph(_fused(model), torch.randn(2, 3, 16, 16))
+    assert "bn_relu_conv1x1" in graph
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled against eager
+# ---------------------------------------------------------------------------------------------------
+def _train_step(model, x, step):
+    """Outputs, gradients, buffers of one training step of model (model or its compiled step)."""
+    for p in model.parameters():
+        p.grad = None
+    out = step(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_matches_eager(backend):
+    torch._dynamo.reset()
+    eager_model, x = small_net("preact bottleneck")
+    compiled_model, _ = small_net("preact bottleneck")
+    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
+    start = time.perf_counter()
+    for _ in range(2):  # the second step runs on the running statistics the first one updated
+        want = _train_step(eager_model, x, eager_model)
+        got = _train_step(compiled_model, x, compiled)
+        out_w, grads_w, bufs_w = want
+        out_g, grads_g, bufs_g = got
+        torch.testing.assert_close(out_g, out_w, rtol=1e-4, atol=1e-5)
+        assert grads_g.keys() == grads_w.keys() and bufs_g.keys() == bufs_w.keys()
+        for n in grads_w:
+            torch.testing.assert_close(grads_g[n], grads_w[n], rtol=1e-4, atol=1e-5, msg=n)
+        for n in bufs_w:
+            torch.testing.assert_close(bufs_g[n], bufs_w[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert bufs_g["stages.0.0.norm1.num_batches_tracked"].item() == 2
+    eager_model.eval(), compiled_model.eval()
+    torch.testing.assert_close(compiled(x), eager_model(x), rtol=1e-4, atol=1e-5)
+    print(f"{backend}: compile and 2 steps + eval {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The operators' registrations; fake tensors
+# ---------------------------------------------------------------------------------------------------
+def _vec(c, lo=0.5):
+    return (torch.rand(c) + lo).requires_grad_()
+
+
+def opcheck_cases():
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 8, 5, 5) + 1)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    rstd = torch.rsqrt(var + 1e-5)
+    g, b = _vec(8), _vec(8, -0.5)
+    xg = x.clone().requires_grad_()
+    w = torch.randn(12, 8, 1, 1, requires_grad=True)
+    res = channels_last(torch.randn(2, 12, 3, 3)).requires_grad_()
+    bias = torch.randn(12, requires_grad=True)
+    dy = channels_last(torch.randn(2, 12, 5, 5))
+    ops = torch.ops.fastpreact
+    no_bn = (None,) * 5  # no consuming BatchNorm to finish
+    return [
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, True, True, *no_bn)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, False, False, *no_bn)),
+        (ops.bn_relu_conv1x1_dual, (xg, w, g, b, mean, rstd, 1, True, True, 4, *no_bn)),
+        # finishing the consuming BatchNorm: its running statistics and counter are mutated arguments
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, res, 2, True, True, torch.zeros(12), torch.ones(12),
+                               torch.tensor(3), 0.1, 1e-5)),
+        (ops.bn_relu_conv1x1_dual, (xg, w, g, b, mean, rstd, 1, True, True, 4, torch.zeros(4), torch.ones(4),
+                                    torch.tensor(3), None, 1e-5)),
+        (ops.bn_relu_conv1x1_backward, (dy, None, x, w.detach(), g.detach(), b.detach(), mean, rstd, 1, True,
+                                        True, True, True)),
+        (ops.bn_relu_conv1x1_backward, (dy[:, :4].contiguous(memory_format=torch.channels_last),
+                                        channels_last(dy[:, 4:]), x, w.detach(), g.detach(), b.detach(), mean,
+                                        rstd, 1, False, False, True, True)),
+        # the identity shortcut's gradient, added in the dx pass
+        (ops.bn_relu_conv1x1_backward, (dy, None, x, w.detach(), g.detach(), b.detach(), mean, rstd, 1, True,
+                                        True, False, True, channels_last(torch.randn(2, 8, 5, 5)))),
+        (ops.batch_stats, (x,)),
+        (ops.batch_norm_stats, (x, 1e-5)),
+        (ops.batch_norm_stats_update, (x, torch.zeros(8), torch.ones(8), torch.tensor(3), None, 1e-5)),
+        (ops.batch_norm_stats_update, (x, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5)),
+        (ops.bn_finalize, (mean, var, 1e-5, 50)),
+        (ops.bn_finalize_update, (mean, var, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, 50)),
+        (ops.bn_relu, (x, g.detach(), b.detach(), mean, rstd)),
+        (ops.bn_relu_backward, (channels_last(torch.randn(2, 8, 5, 5)), x, g.detach(), b.detach(), mean, rstd,
+                                True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(opcheck_cases())))
+def test_operator_registrations(case):
+    op, args = opcheck_cases()[case]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_fake_resnet200_step_launches_nothing(monkeypatch):
+    """A whole fused ResNet-200 training step (forward, loss, backward, SGD) on fake tensors: shapes only,
+    no kernel launched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched on fake tensors")
+    monkeypatch.setattr(Autotuner, "run", no_launch)
+    monkeypatch.setattr(InterpretedFunction, "run", no_launch)
+    with FakeTensorMode():
+        model = create_model("resnet200", 1000, kernels="fused")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = channels_last(torch.randn(2, 3, 224, 224))
+        loss = F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long))
+        loss.backward()
+        opt.step()
+        grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.shape == p.shape for g, p in zip(grads, model.parameters()))
+    assert model.stages[3][2].norm1.num_batches_tracked.shape == ()
