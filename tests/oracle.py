@@ -40,3 +40,16 @@ def assert_oracle(ours, stock, ref64, what, atol_rel=0.0, elementwise=True, *, a
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off; worst |ours - ref64| "
                            f"{err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
                            f"(max stock err {err_stock.max().item():.3g}, atol {tol:.3g})")
+
+
+def load_weights(path):
+    """A saved state_dict (final.pt, a rank's dump), on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    """Two saved state_dicts are bit-identical: same keys, torch.equal tensors."""
+    a, b = load_weights(a), load_weights(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"

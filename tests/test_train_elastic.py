@@ -18,10 +18,10 @@ import uuid
 from datetime import timedelta
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from fastpreact import config, distributed, train
+from oracle import assert_same_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 RUN = ["shapes10", "--device", "cpu", "--arch", "resnet8", "--batch-size", "16", "--train-size", "256",
@@ -30,17 +30,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 LAUNCH = [sys.executable, "-c", "import sys; from fastpreact import train; "
           "sys.exit(train.launch_local_workers(2, sys.argv[2:], train.main, eval(sys.argv[1])))"]
 DEADLINE_S = 150  # far above what any of these runs takes; only a hang reaches it
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a, b):
-    a, b = load(a), load(b)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 def start(cmd, tag):

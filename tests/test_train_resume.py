@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from oracle import assert_same_weights, load_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 RUN = ["shapes10", "--arch", "resnet8", "--batch-size", "16", "--train-size", "256", "--val-size", "64",
@@ -45,17 +46,6 @@ def start_and_interrupt(out, sig, rng):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err, kill_after
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a, b):
-    a, b = load(a), load(b)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +103,7 @@ def test_two_workers_under_torchrun_keep_identical_weights(tmp_path):
     rank0, rank1 = dump / "rank0.pt", dump / "rank1.pt"
     assert_same_weights(rank0, rank1)
     assert_same_weights(rank0, out / "final.pt")
-    assert not torch.equal(load(rank0)["fc.weight"], torch.load(out / "checkpoints" / "ckpt-8.pt",
+    assert not torch.equal(load_weights(rank0)["fc.weight"], torch.load(out / "checkpoints" / "ckpt-8.pt",
                                                                   weights_only=True)["model"]["fc.weight"])
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
