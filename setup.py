@@ -29,7 +29,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the repository but is installed as fastpreact.kernels: a top-level
     # package named `kernels` would collide with an unrelated PyPI package.
-    packages=find_packages(include=["fastpreact", "fastpreact.*"]) + ["fastpreact.kernels"],
+    packages=(find_packages(include=["fastpreact", "fastpreact.*"]) + ["fastpreact.kernels"]
+              + [f"fastpreact.kernels.{p}" for p in find_packages("kernels")]),
     package_dir={"fastpreact.kernels": "kernels"},
     # Floors admit the GPU machine's offline software (torch 2.11, triton 3.6, torchvision 0.26).
     install_requires=[

@@ -6,8 +6,8 @@ with momentum through foreach ops) with every tensor a FakeTensor on the CPU (sh
 only, so ResNet-200 at batch 64 / 224 px takes seconds) and records, in order:
   - every aten op that would launch a kernel on a GPU (views, allocations and metadata ops excluded:
     see NO_LAUNCH), seen by a TorchDispatchMode, with the bytes it must read and write and its FLOPs;
-  - every Triton launch, intercepted at the launcher (triton's Autotuner.run, JITFunction.run and the
-    interpreter's run) and recorded instead of run, with its grid and, from the kernel's arguments, the
+  - every Triton launch, intercepted at the launcher (triton's JITFunction.run and the interpreter's
+    run) and recorded instead of run, with its grid and, from the kernel's arguments, the
     bytes and FLOPs of TRITON_COSTS (the analytic per-call formulas of the kernels' module headers).
     The fused ops are PyTorch operators (torch.ops.fastpreact) whose fake implementations launch
     nothing: the recorder runs each operator's real implementation instead, on the same (fake) tensors,
@@ -173,7 +173,6 @@ def _triton_backend_on_cpu():
 @contextlib.contextmanager
 def _intercept_triton(rec):
     """Record every Triton launch; run it only when rec.fake is False (then its own calls go uncounted)."""
-    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     classes = [JITFunction]
     try:
@@ -189,19 +188,6 @@ def _intercept_triton(rec):
         finally:
             _TLS.inside = False
 
-    def autotuned(orig):
-        def run(self, *args, **kwargs):
-            if getattr(_TLS, "inside", False):
-                return orig(self, *args, **kwargs)
-            self.nargs = dict(zip(self.arg_names, args))
-            config = self.configs[0] if len(self.configs) == 1 else self.prune_configs(kwargs)[0]
-            rec.triton(_kernel_name(self), {**self.nargs, **kwargs, **config.all_kwargs()}, kwargs["grid"])
-            if not rec.fake:
-                return run_for_real(orig, self, *args, **kwargs)
-            self.best_config, self.nargs = config, None
-            return None
-        return run
-
     def plain(orig):
         def run(self, *args, grid, warmup, **kwargs):
             if getattr(_TLS, "inside", False) or warmup:
@@ -212,8 +198,7 @@ def _intercept_triton(rec):
             return None
         return run
 
-    saved = [(Autotuner, Autotuner.run)] + [(c, c.run) for c in classes]
-    Autotuner.run = autotuned(Autotuner.run)
+    saved = [(c, c.run) for c in classes]
     for c in classes:
         c.run = plain(c.run)
     try:
@@ -223,61 +208,13 @@ def _intercept_triton(rec):
             c.run = orig
 
 
-_GPU_KERNELS = {}  # kernel module name -> a copy imported as on a GPU (TRITON_INTERPRET unset)
-
-
-def _gpu_kernel_modules():
-    """The kernel modules imported a second time the way a GPU imports them: their tile sizes, launch
-    constants and autotune configurations are the GPU's, not the interpreter's."""
-    if _GPU_KERNELS:
-        return _GPU_KERNELS
-    import importlib
-    import os
-    import pkgutil
-    import sys
-    import types
-
-    from . import kernels as pkg
-    alias = "fastpreact._kernels_as_on_gpu"
-    shell = types.ModuleType(alias)
-    shell.__path__ = list(pkg.__path__)
-    old_env, sys.modules[alias] = os.environ.get("TRITON_INTERPRET"), shell
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        for info in pkgutil.iter_modules(pkg.__path__):
-            _GPU_KERNELS[info.name] = importlib.import_module(f"{alias}.{info.name}")
-    finally:
-        if old_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old_env
-        for name in [n for n in sys.modules if n == alias or n.startswith(alias + ".")]:
-            del sys.modules[name]
-    return _GPU_KERNELS
-
-
 @contextlib.contextmanager
 def _gpu_tiles():
-    """Give the loaded kernel modules the GPU's int/bool constants and autotune configs for a while."""
-    import importlib
-
-    from triton.runtime.autotuner import Autotuner
-    undo = []
-    for name, gpu in _gpu_kernel_modules().items():
-        mod = importlib.import_module(f"{__package__}.kernels.{name}")
-        for attr, val in vars(gpu).items():
-            cur = getattr(mod, attr, None)
-            if isinstance(val, Autotuner) and isinstance(cur, Autotuner):
-                undo.append((cur, "configs", cur.configs))
-                cur.configs = val.configs
-            elif type(val) in (bool, int) and type(cur) is type(val) and cur != val:
-                undo.append((mod, attr, cur))
-                setattr(mod, attr, val)
-    try:
+    """The kernels take an H100's tiles, split counts and tile configs (the first candidate that fits
+    stands for the tuned one) while the step is counted."""
+    from .kernels.cards import pretend
+    with pretend("sm_90"):
         yield
-    finally:
-        for obj, attr, val in reversed(undo):
-            setattr(obj, attr, val)
 
 
 def _train_step(model, opt, x, y, amp_dtype, rec):
@@ -326,9 +263,9 @@ def count_step(make, *, amp_dtype=torch.bfloat16, real=False, tiles=None, lr=0.1
     make() -> (model, x, y) builds the model (on the CPU, channels-last where wanted) and a batch; it is
     called under FakeTensorMode unless real=True (then everything, Triton kernels included, runs for real:
     small nets only). Optimizer: SGD with momentum, foreach. amp_dtype: the autocast dtype, or None.
-    tiles: "gpu" (default when not real) gives the kernels the tile sizes, split counts and autotune
-    configs they have on a GPU (the first config that fits stands for the tuned one); "loaded" keeps the
-    loaded modules' (the interpreter's), which a real run needs. Tiles change the partial buffers' sizes,
+    tiles: "gpu" (default when not real) gives the kernels the tile sizes, split counts and tile configs
+    they have on an H100 (sm_90; the first config that fits stands for the tuned one); "loaded" keeps
+    those of the device the step runs on (the interpreter's on a CPU), which a real run needs. Tiles change the partial buffers' sizes,
     and whether a split reduction needs a summing launch.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -7,8 +7,9 @@ the unbiased one. One launch per call: every program writes its tile's partials,
 of each channel block to finish (found with an atomic ticket) merges that block's partials in a fixed
 order (deterministic) and finishes BatchNorm there (rstd, running statistics, num_batches_tracked). None
 of it synchronises with the host: momentum=None (cumulative average) reads num_batches_tracked on the
-device. The tickets live in one zeroed int32 buffer per device and stream, allocated once; the program
-that takes the last ticket sets it back to 0, so no call needs a fill and CUDA graphs can capture it.
+device. The tickets live in one zeroed int32 buffer per device and stream (kernels/tickets.py); the
+program that takes the last ticket sets it back to 0, so no call needs a fill and CUDA graphs can
+capture it.
 
 Numerics: a single-pass sum of squares loses everything when the mean is large against the spread
 (mean 1e3, std 1 in fp32 leaves ~2 significant bits of the variance), and even a plain sum of 64 values
@@ -22,20 +23,14 @@ merges them with the same `_merge_chunks`, in its own last program.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Tile shapes. The interpreter runs every program in Python, so there a few large-ish programs are
-# faster than many small ones; on a GPU 64 channels x 2 bytes = one 128-byte line per row.
-STATS_BLOCK_M = 64 if INTERPRET else 256
-STATS_BLOCK_C = 32 if INTERPRET else 64
-MERGE_BLOCK_P = 32 if INTERPRET else 64
-MERGE_BLOCK_C = 32 if INTERPRET else 64
+from .cards import card_of
+from .configs import tiles
+from .tickets import tickets
+from .tuning import launch
 
 
 @triton.jit
@@ -211,27 +206,6 @@ def _bn_finalize_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launchers
-_TICKETS = {}  # (device, stream) -> int32 tickets, all 0 between launches
-
-
-def tickets(device, count):
-    """At least `count` int32 tickets at 0 for kernels launched on `device`'s current stream: zeroed
-    once, then re-armed by the kernels themselves (launches on one stream never overlap). Allocated
-    outside any active dispatch mode (a fake or tracing mode would hand out a tensor that does not exist
-    on the device), so no call after the first allocates or fills anything."""
-    device = torch.device(device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < count:
-        from torch.utils._python_dispatch import _disable_current_modes
-        size = max(4096, triton.next_power_of_2(count))
-        with _disable_current_modes():
-            buf = torch.zeros(size, dtype=torch.int32, device=device)
-        _TICKETS[key] = buf
-    return buf
-
-
 def _alloc(shape, device, poison):
     if poison:
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
@@ -258,11 +232,13 @@ def bn_finalize(mean, var, eps, count, poison=False, *, running_mean=None, runni
     (count = values per channel behind mean/var; num_batches_tracked already incremented, or incremented
     in the same launch with increment_nbt=True)."""
     C = mean.shape[0]
-    rstd = _alloc((C,), mean.device, poison)
+    dev = mean.device
+    rstd = _alloc((C,), dev, poison)
     run = _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, rstd)
-    _bn_finalize_kernel[(triton.cdiv(C, MERGE_BLOCK_C),)](
-        mean, var, rstd, *run["ptrs"], tickets(mean.device, 1), C, float(eps), run["momentum"],
-        count / max(count - 1, 1), BLOCK_C=MERGE_BLOCK_C, **run["flags"], num_warps=4)
+    block_c = tiles("batch_stats", card_of(dev))["MERGE_BLOCK_C"]
+    launch(_bn_finalize_kernel, (triton.cdiv(C, block_c),),
+           (mean, var, rstd, *run["ptrs"], tickets(dev, 1), C, float(eps), run["momentum"], count / max(count - 1, 1)),
+           dev, BLOCK_C=block_c, **run["flags"], num_warps=4)
     return rstd
 
 
@@ -281,17 +257,18 @@ def batch_stats_rows(x2d, poison=False, **bn):
         raise ValueError("batch_stats_rows: no rows (empty batch); statistics need at least one value")
     eps = bn.pop("eps", None)
     dev = x2d.device
-    num_blocks = triton.cdiv(M, STATS_BLOCK_M)
+    tile = tiles("batch_stats", card_of(dev))
+    num_blocks = triton.cdiv(M, tile["BLOCK_M"])
     part_mean = _alloc((num_blocks, C), dev, poison)
     part_m2 = _alloc((num_blocks, C), dev, poison)
     mean, var = _alloc((C,), dev, poison), _alloc((C,), dev, poison)
     rstd = _alloc((C,), dev, poison) if eps is not None else mean
     run = _running_args(bn.get("running_mean"), bn.get("running_var"), bn.get("num_batches_tracked"),
                         bn.get("momentum", 0.1), bn.get("increment_nbt", False), mean)
-    c_blocks = triton.cdiv(C, STATS_BLOCK_C)
-    _batch_stats_kernel[(num_blocks, c_blocks)](
-        x2d, part_mean, part_m2, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
-        0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1),
-        BLOCK_M=STATS_BLOCK_M, BLOCK_C=STATS_BLOCK_C, BLOCK_P=MERGE_BLOCK_P, WRITE_RSTD=eps is not None,
-        **run["flags"], num_warps=4 if INTERPRET else 8)
+    c_blocks = triton.cdiv(C, tile["BLOCK_C"])
+    launch(_batch_stats_kernel, (num_blocks, c_blocks),
+           (x2d, part_mean, part_m2, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
+            0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1)),
+           dev, BLOCK_M=tile["BLOCK_M"], BLOCK_C=tile["BLOCK_C"], BLOCK_P=tile["BLOCK_P"], WRITE_RSTD=eps is not None,
+           **run["flags"], num_warps=tile["num_warps"])
     return (mean, var, rstd) if eps is not None else (mean, var)

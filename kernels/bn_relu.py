@@ -26,29 +26,27 @@ the backward launches nothing but its two passes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .batch_stats import _take_last_ticket, tickets
+from .batch_stats import _take_last_ticket
+from .cards import card_of
+from .configs import tiles
+from .tickets import tickets
+from .tuning import launch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# The interpreter runs each program (and each loop iteration) in Python on numpy blocks: a few large
-# tiles beat many small ones there. On a GPU a [64 rows x 64 channels] tile of 2-byte values is 8 KiB,
-# with 128-byte rows for coalescing.
-BLOCK_M = 1024 if INTERPRET else 64
-BLOCK_C_MAX = 64
-# Programs per channel block of the reduction (each loops over its band of row tiles).
-REDUCE_PROGRAMS = 2 if INTERPRET else 264
-# Partial rows the finishing program sums per step.
-REDUCE_BLOCK_P = 2 if INTERPRET else 16
+# Tiles (kernels/configs.py, "bn_relu"): the interpreter runs each program (and each loop iteration) in
+# Python on numpy blocks, so a few large tiles beat many small ones there; on a GPU a [64 rows x 64
+# channels] tile of 2-byte values is 8 KiB, with 128-byte rows for coalescing. The reduction runs two
+# waves of programs per channel block (each loops over its band of row tiles), and its finishing
+# program sums BLOCK_P partial rows per step.
 
 
-def _block_c(C):
-    return min(BLOCK_C_MAX, max(16, triton.next_power_of_2(C)))
+def _tile(device, C):
+    """(tile dict, BLOCK_C) of the BN-ReLU kernels on `device` for C channels."""
+    tile = tiles("bn_relu", card_of(device))
+    return tile, min(tile["BLOCK_C_MAX"], max(16, triton.next_power_of_2(C)))
 
 
 @triton.jit
@@ -184,9 +182,10 @@ def bn_relu_fwd(x2d, gamma, beta, mean, rstd, poison=False):
     a = _empty_like(x2d, poison)
     if M == 0:
         return a
-    block_c = _block_c(C)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, block_c))
-    _bn_relu_fwd_kernel[grid](x2d, a, gamma, beta, mean, rstd, M, C, BLOCK_M=BLOCK_M, BLOCK_C=block_c)
+    tile, block_c = _tile(x2d.device, C)
+    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(C, block_c))
+    launch(_bn_relu_fwd_kernel, grid, (x2d, a, gamma, beta, mean, rstd, M, C), x2d.device,
+           BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
     return a
 
 
@@ -196,14 +195,15 @@ def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False):
     M, C = x2d.shape
     _check_rows("bn_relu_bwd_reduce", x2d, C)
     _check_rows("bn_relu_bwd_reduce", da2d, C)
-    block_c = _block_c(C)
-    num_row_tiles = triton.cdiv(M, BLOCK_M)
-    programs = max(1, min(REDUCE_PROGRAMS, num_row_tiles))
+    tile, block_c = _tile(x2d.device, C)
+    num_row_tiles = triton.cdiv(M, tile["BLOCK_M"])
+    programs = max(1, min(tile["reduce_programs"], num_row_tiles))
     part = _empty_like(x2d.new_empty((2, programs, C), dtype=torch.float32), poison)
     sums = _empty_like(x2d.new_empty((3, C), dtype=torch.float32), poison)
     grid = (programs, triton.cdiv(C, block_c))
-    _bn_relu_bwd_reduce_kernel[grid](da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(x2d.device, grid[1]),
-                                     M, C, num_row_tiles, BLOCK_M=BLOCK_M, BLOCK_C=block_c, BLOCK_P=REDUCE_BLOCK_P)
+    launch(_bn_relu_bwd_reduce_kernel, grid,
+           (da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(x2d.device, grid[1]), M, C, num_row_tiles),
+           x2d.device, BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c, BLOCK_P=tile["BLOCK_P"])
     return sums
 
 
@@ -215,8 +215,8 @@ def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison
     dx = _empty_like(x2d, poison)
     if M == 0:
         return dx
-    block_c = _block_c(C)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, block_c))
-    _bn_relu_bwd_dx_kernel[grid](da2d, x2d, dx, gamma, beta, mean, rstd, sums, M, C,
-                                 BATCH_STATS=bool(batch_stats), BLOCK_M=BLOCK_M, BLOCK_C=block_c)
+    tile, block_c = _tile(x2d.device, C)
+    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(C, block_c))
+    launch(_bn_relu_bwd_dx_kernel, grid, (da2d, x2d, dx, gamma, beta, mean, rstd, sums, M, C), x2d.device,
+           BATCH_STATS=bool(batch_stats), BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
     return dx

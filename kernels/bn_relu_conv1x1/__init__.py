@@ -1,0 +1,33 @@
+"""Fused BatchNorm-apply + ReLU + 1x1 convolution, forward and backward, in Triton.
+
+A channels-last activation [N, C, H, W] is the row-major matrix X [M_in = N*H*W, K = C]; a 1x1 conv with
+weight W [N_out, K] is a GEMM over its rows, and BatchNorm + ReLU is a per-column affine map and max(0, .)
+applied to the GEMM's A operand as it is loaded (the "prologue"), so neither the BN output nor the ReLU
+output ever exists in memory, in forward or in backward.
+
+    z = (x - mean) * scale + beta    scale = gamma * rstd          (fp32, per column; centred first)
+    a = relu(z)                      rounded to the compute dtype before the tensor-core product
+    y = a[rows] @ W^T (+ bias) (+ residual)      rows: output row (n, ho, wo) reads input row (n, s*ho, s*wo)
+
+Design limits: x, W, dy, residual in one compute dtype (fp32, fp16 or bf16); mean/rstd/gamma/beta fp32
+(z is formed inside the kernels, so the host launches nothing for scale/shift);
+all matrices contiguous row-major (channels-last contiguous tensors); stride 1 or 2; fp32 accumulation.
+fp32 products use TF32 exactly when cuDNN convolutions would (torch.backends.cudnn.allow_tf32).
+A "dual" output (SPLIT_OUT) writes columns [0, n_split) of y to one tensor and the rest to another, so
+two convs sharing one pre-activation run as one GEMM with concatenated weights and still produce two
+contiguous channels-last outputs (and take two gradients in backward).
+
+  common.py    program order, row gather, the BatchNorm prologue, the tensor-core product
+  forward.py   the forward kernel (statistics of y and the consuming BatchNorm's finish in its epilogue)
+  backward.py  the dW, dz and dx kernels
+Tiles come from kernels/configs.py per card; launches go through kernels/tuning.py (device guard, tile
+choice). Launchers: plain functions over channels-last contiguous 4-D tensors (checked by the caller,
+fastpreact.functional); `poison=True` fills every output with NaN first, so tests catch any element a
+kernel fails to write.
+"""
+from .backward import bn_relu_conv1x1_bwd_dw, bn_relu_conv1x1_bwd_dx, bn_relu_conv1x1_bwd_dz  # noqa: F401
+from .common import out_size  # noqa: F401
+from .forward import bn_relu_conv1x1_fwd  # noqa: F401
+
+__all__ = ["bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_bwd_dx",
+           "out_size"]

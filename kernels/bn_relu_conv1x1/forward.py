@@ -1,0 +1,186 @@
+"""The fused 1x1 forward: y = relu(bn(x))[rows] @ W^T (+ bias) (+ residual), with the statistics of y
+(the next BatchNorm's) in the epilogue, and that BatchNorm finished by the last program.
+
+Cost per call (M output rows, K = C_in, N = C_out, e bytes per element): 2*M*K*N FLOPs;
+bytes ~ e*(M*K + N*K + M*N [+ M*N residual]) (+ the tiny per-tile statistics partials).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..batch_stats import _bn_finish, _count_batch, _merge_chunks, _running_args, _take_last_ticket, _tile_mean_m2
+from ..cards import card_of
+from ..configs import min_param
+from ..tickets import tickets
+from ..tuning import TunedKernel
+from .common import _bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _mma, dot_precision, empty, out_size
+
+__all__ = ["bn_relu_conv1x1_fwd"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward:  y[m, n] = sum_k relu(z[r(m), k]) * W[n, k]  (+ bias[n]) (+ res[m, n]),
+#           z = (x - mean) * gamma * rstd + beta  (_bn_apply)
+# with fp32 accumulation, r(m) the strided row gather; W of any float dtype, rounded to x's (the compute
+# dtype) as it is loaded. Optional epilogue statistics of y AS STORED (after the residual and the
+# rounding to y's dtype): per tile of BLOCK_M rows, (mean_t, M2_t about mean_t) per column; the last
+# row tile of each column block to finish (atomic ticket) merges them with Chan's formula in a fixed
+# order (kernels/batch_stats.py) and writes the mean and biased variance of y; with OUT_FINISH it also
+# finishes the BatchNorm that consumes y (rstd, running statistics, num_batches_tracked: _bn_finish).
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _bn_relu_conv1x1_fwd_kernel(
+    x_ptr,            # [M_in, K] input rows, compute dtype
+    w_ptr,            # [N, K] 1x1 conv weight, compute dtype
+    mean_ptr,         # [K] fp32 BN mean (batch or running)
+    rstd_ptr,         # [K] fp32 BN 1/sqrt(var + eps)
+    gamma_ptr,        # [K] fp32 BN weight
+    beta_ptr,         # [K] fp32 BN bias
+    bias_ptr,         # [N] fp32 conv bias (unused unless HAS_BIAS)
+    res_ptr,          # [M, N] residual rows, compute dtype (unused unless HAS_RESIDUAL)
+    y_ptr,            # [M, N] output rows; with SPLIT_OUT [M, n_split]
+    y2_ptr,           # [M, N - n_split] second output with SPLIT_OUT (else unused)
+    part_mean_ptr,    # [cdiv(M, BLOCK_M), N] fp32 per-tile mean of y (unused unless OUT_STATS)
+    part_m2_ptr,      # [cdiv(M, BLOCK_M), N] fp32 per-tile M2 of y (unused unless OUT_STATS)
+    stats_mean_ptr,   # [N] fp32 out: mean of y (unused unless OUT_STATS)
+    stats_var_ptr,    # [N] fp32 out: biased variance of y (unused unless OUT_STATS)
+    ticket_ptr,       # [cdiv(N, BLOCK_N) + 1] int32 tickets at 0 (unused unless OUT_STATS)
+    out_rstd_ptr,     # [n_finish] fp32 out: the consuming BatchNorm's rstd (unused unless OUT_FINISH)
+    out_rm_ptr, out_rv_ptr, out_nbt_ptr,  # its running statistics and counter (OUT_UPDATE_RUNNING, ...)
+    out_eps, out_momentum, out_unbias,    # its eps, momentum, M / (M - 1)
+    n_finish,         # columns of y the consuming BatchNorm normalises (the first output's)
+    M, K, N,          # output rows, input channels, output channels
+    H, W, Ho, Wo,     # input / output spatial size (row gather when STRIDE == 2)
+    n_split,          # columns of the first output when SPLIT_OUT
+    STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SPLIT_OUT: tl.constexpr, OUT_STATS: tl.constexpr, OUT_FINISH: tl.constexpr,
+    OUT_UPDATE_RUNNING: tl.constexpr, OUT_MOMENTUM_FROM_NBT: tl.constexpr, OUT_INCREMENT_NBT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    in_rows = _input_rows(tl.where(m_ok, offs_m, 0), H, W, Ho, Wo, STRIDE).to(tl.int64)
+    x_rows = x_ptr + in_rows[:, None] * K
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < K
+        xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        mean, scale, beta = _bn_coeffs(ks, k_ok, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
+        a = tl.maximum(_bn_apply(xt, mean, scale, beta), 0.0).to(x_ptr.dtype.element_ty)
+        wt = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, wt.to(x_ptr.dtype.element_ty), acc, DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    rows64 = offs_m.to(tl.int64)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + rows64[:, None] * N + offs_n[None, :], mask=out_mask, other=0.0)
+        acc += res.to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if SPLIT_OUT:
+        in_a = offs_n < n_split
+        tl.store(y_ptr + rows64[:, None] * n_split + offs_n[None, :], y, mask=out_mask & in_a[None, :])
+        tl.store(y2_ptr + rows64[:, None] * (N - n_split) + (offs_n - n_split)[None, :], y,
+                 mask=out_mask & (~in_a)[None, :])
+    else:
+        tl.store(y_ptr + rows64[:, None] * N + offs_n[None, :], y, mask=out_mask)
+
+    if OUT_STATS:
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        tile_mean, tile_m2 = _tile_mean_m2(y.to(tl.float32), out_mask, count)
+        tl.store(part_mean_ptr + pid_m * N + offs_n, tile_mean, mask=n_ok)
+        tl.store(part_m2_ptr + pid_m * N + offs_n, tile_m2, mask=n_ok)
+        if _take_last_ticket(ticket_ptr + pid_n, num_pid_m):
+            out_mean, out_var = _merge_chunks(part_mean_ptr, part_m2_ptr, offs_n, n_ok, num_pid_m, M, N,
+                                              BLOCK_M, 8, BLOCK_N)
+            tl.store(stats_mean_ptr + offs_n, out_mean, mask=n_ok)
+            tl.store(stats_var_ptr + offs_n, out_var, mask=n_ok)
+            if OUT_FINISH:
+                num_pid_n = tl.cdiv(N, BLOCK_N)
+                _bn_finish(out_mean, out_var, offs_n, n_ok & (offs_n < n_finish), out_rstd_ptr, out_rm_ptr,
+                           out_rv_ptr, out_nbt_ptr, out_eps, out_momentum, out_unbias, True, OUT_UPDATE_RUNNING,
+                           OUT_MOMENTUM_FROM_NBT, OUT_INCREMENT_NBT)
+                _count_batch(ticket_ptr + num_pid_n, num_pid_n, out_nbt_ptr, OUT_INCREMENT_NBT)
+
+
+# The kernel finishes the consuming BatchNorm in place: its running statistics and counter are saved
+# before and restored after the tuner times the candidate tiles.
+FORWARD = TunedKernel(_bn_relu_conv1x1_fwd_kernel, "bn_relu_conv1x1_fwd",
+                      restore=("out_rm_ptr", "out_rv_ptr", "out_nbt_ptr"))
+
+
+def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=None, residual=None,
+                        n_split=0, out_stats=False, out_bn=None, poison=False):
+    """y = relu((x - mean) * gamma * rstd + beta) (*) weight2d [+ bias] [+ residual].
+
+    x: [N, K, H, W] channels-last contiguous (compute dtype); weight2d: [Cout, K] contiguous (any float
+    dtype: rounded to x's dtype as the kernel loads it);
+    mean, rstd, gamma, beta: [K] fp32 contiguous; bias: [Cout] fp32 or None;
+    residual: [N, Cout, Ho, Wo] channels-last contiguous (compute dtype) or None.
+    n_split > 0: two outputs with n_split and Cout - n_split channels (one GEMM).
+    out_bn (with out_stats): dict(eps, running_mean, running_var, num_batches_tracked, momentum) of the
+    BatchNorm in training that consumes y (its first n_split channels when n_split): the same launch
+    also finishes it (rstd, running-statistics update, num_batches_tracked incremented).
+    Returns (y or (y_a, y_b), (mean, biased var[, rstd with out_bn]) of the output as stored, or None).
+    """
+    Nb, K, H, W = x.shape
+    Cout = weight2d.shape[0]
+    Ho, Wo = out_size(H, stride), out_size(W, stride)
+    M = Nb * Ho * Wo
+    dev, dt = x.device, x.dtype
+    card = card_of(dev)
+    if n_split:
+        y = empty((Nb, n_split, Ho, Wo), dt, dev, poison, channels_last=True)
+        y2 = empty((Nb, Cout - n_split, Ho, Wo), dt, dev, poison, channels_last=True)
+    else:
+        y = empty((Nb, Cout, Ho, Wo), dt, dev, poison, channels_last=True)
+        y2 = y
+    if out_stats:
+        max_blocks = triton.cdiv(M, min_param(FORWARD.name, card, "BLOCK_M"))
+        part_mean = empty((max_blocks, Cout), torch.float32, dev, poison)
+        part_m2 = empty((max_blocks, Cout), torch.float32, dev, poison)
+        stats = (empty((Cout,), torch.float32, dev, poison), empty((Cout,), torch.float32, dev, poison))
+        ticket = tickets(dev, triton.cdiv(Cout, min_param(FORWARD.name, card, "BLOCK_N")) + 1)
+    else:
+        part_mean = part_m2 = ticket = mean  # never touched (OUT_STATS is False)
+        stats = None
+    fin = _finish_args(out_bn, n_split or Cout, M, dev, poison, mean)
+
+    def grid(tile):
+        return (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(Cout, tile["BLOCK_N"]),)
+
+    args = (x, weight2d, mean, rstd, gamma, beta, bias if bias is not None else mean,
+            residual if residual is not None else x, y, y2, part_mean, part_m2, *(stats or (mean, mean)), ticket,
+            *fin["args"], M, K, Cout, H, W, Ho, Wo, n_split)
+    FORWARD.run(grid, args, card=card, device=dev, dtype=dt,
+                STRIDE=stride, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, **fin["flags"], DOT_PRECISION=dot_precision(dt))
+    if out_bn is not None:
+        stats = (*stats, fin["args"][0])
+    return ((y, y2) if n_split else y), stats
+
+
+def _finish_args(out_bn, channels, M, device, poison, dummy):
+    """Kernel arguments that finish the BatchNorm consuming y (out_bn, see bn_relu_conv1x1_fwd)."""
+    if out_bn is None:
+        return dict(args=(dummy,) * 4 + (0.0, 0.0, 1.0, 0),
+                    flags=dict(OUT_FINISH=False, OUT_UPDATE_RUNNING=False, OUT_MOMENTUM_FROM_NBT=False,
+                               OUT_INCREMENT_NBT=False))
+    rstd = empty((channels,), torch.float32, device, poison)
+    run = _running_args(out_bn.get("running_mean"), out_bn.get("running_var"), out_bn.get("num_batches_tracked"),
+                        out_bn.get("momentum", 0.1), True, rstd)
+    return dict(args=(rstd, *run["ptrs"], float(out_bn["eps"]), run["momentum"], M / max(M - 1, 1), channels),
+                flags=dict(OUT_FINISH=True, **{f"OUT_{k}": v for k, v in run["flags"].items()}))

@@ -1,0 +1,258 @@
+"""Launching a kernel: on its tensors' device, with a tile chosen once per card and shape, the same on
+every rank and after a resume, without disturbing the caller's state.
+
+Why not triton.autotune: it times every candidate config several times on the real arguments, so a
+kernel that updates a BatchNorm's running statistics in place would apply that update many times on a
+shape's first call; it picks by timing, so two ranks, or a run and its resume, can launch different
+tiles (and a tile sets the reduction order, hence the bits); and it re-keys every call in Python. Here:
+
+  launch(kernel, grid, args, device)   one launch under `device`'s CUDA guard (Triton launches on the
+                                       current device, not the tensors').
+  TunedKernel.run(...)                 the same, with the tile of (card, kernel, key) from the table;
+                                       on a miss the candidates (configs.candidates) are timed with
+                                       every argument the kernel updates in place (`restore`) saved
+                                       before and put back after, so the real launch that follows sees
+                                       the caller's state; the winner goes into the table.
+  table() / pin(t) / save(p) / load(p) the table of choices, {card: {kernel: {key: config name}}}: a
+                                       training run keeps it in its folder and pins it on resume.
+  coordinate(store, rank)              rank 0 tunes and publishes each choice in a torch.distributed
+                                       store, the other ranks wait for it: every rank launches the
+                                       same tiles.
+Choices are never timed where nothing can run (fake or meta tensors: the cost model); the first
+candidate stands for the tuned one there. FASTPREACT_QUICK_AUTOTUNE=1 times each candidate for a few
+milliseconds instead of ~100 (tests on a GPU need a valid choice, not the fastest).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+
+import torch
+
+from . import configs
+from .cards import Card
+
+__all__ = ["launch", "TunedKernel", "table", "pin", "clear", "save", "load", "coordinate", "benchmark"]
+
+FORMAT = 1
+_TABLE: dict[str, dict[str, dict[str, str]]] = {}  # card -> kernel -> key -> config name
+_KERNELS: list["TunedKernel"] = []
+_COORDINATOR: list = []  # [(store, rank, timeout)] while coordinate() is active
+
+
+def _on_device(device: torch.device):
+    """The CUDA guard a launch on `device` needs: none when it is already the current device (the
+    common case costs one lookup), none off CUDA."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid, args, device: torch.device, **kwargs):
+    """kernel[grid](*args, **kwargs) with `device` current while it launches."""
+    with _on_device(device):
+        return kernel[grid](*args, **kwargs)
+
+
+def _quick() -> bool:
+    return os.environ.get("FASTPREACT_QUICK_AUTOTUNE") == "1"
+
+
+def benchmark(call) -> float:
+    """Milliseconds one call takes on the GPU (triton's do_bench: warm-up, then repeats, median)."""
+    import triton.testing
+    warmup, rep = (1, 3) if _quick() else (25, 100)
+    return triton.testing.do_bench(call, warmup=warmup, rep=rep, return_mode="median")
+
+
+def _launch_errors():
+    """The exceptions that mean 'this config cannot run here' (too much shared memory, registers)."""
+    errors = []
+    for mod, name in (("triton.runtime.errors", "OutOfResources"), ("triton.runtime.errors", "PTXASError"),
+                      ("triton.compiler.errors", "CompileTimeAssertionFailure")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors) or (RuntimeError,)
+
+
+def _runnable(args) -> bool:
+    """Whether the arguments are real tensors that a timing can run on (not fake or meta)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return not any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a)) for a in args)
+
+
+class TunedKernel:
+    """A GEMM kernel whose tile comes from the table (see the module docstring).
+
+    kernel: the JIT function; name: its entry in configs (e.g. "bn_relu_conv1x1_fwd"); key: the
+    names of the integer arguments the choice depends on; restore: the names of the arguments it updates
+    in place (saved and put back around the timing)."""
+
+    def __init__(self, kernel, name: str, key=("M", "K", "N"), restore=()):
+        self.kernel, self.name = kernel, name
+        names = list(kernel.arg_names)
+        self.key_index = tuple(names.index(k) for k in key)
+        self.key_names = tuple(key)
+        self.restore_index = tuple(names.index(r) for r in restore)
+        self._memo = {}  # (card name, key values, dtype) -> Tile: one dict lookup per launch
+        _KERNELS.append(self)
+
+    def key_string(self, values, dtype) -> str:
+        return ",".join(f"{n}={v}" for n, v in zip(self.key_names, values)) + f",dtype={_dtype_name(dtype)}"
+
+    def run(self, grid, args, *, card: Card, device, dtype, **constexprs):
+        """Launch with the chosen tile; grid(tile) gives the launch grid. Returns the Tile used."""
+        values = tuple(args[i] for i in self.key_index)
+        tile = self._memo.get((card.name, values, dtype))
+        if tile is None:
+            tile = self._choose(card, values, dtype, grid, args, device, constexprs)
+        launch(self.kernel, grid(tile), args, device, **constexprs, **tile.kwargs)
+        return tile
+
+    def candidates(self, card: Card, values, dtype):
+        sizes = dict(zip(self.key_names, values))
+        return configs.candidates(self.name, card, _elem_bytes(dtype), sizes if {"M", "K", "N"} <= set(sizes) else None)
+
+    def _choose(self, card, values, dtype, grid, args, device, constexprs):
+        cands = self.candidates(card, values, dtype)
+        key = self.key_string(values, dtype)
+        by_name = {t.name: t for t in cands}
+        chosen = _TABLE.get(card.name, {}).get(self.name, {}).get(key)
+        tile = by_name.get(chosen) if chosen else None
+        if chosen and tile is None:
+            warnings.warn(f"fastpreact: the pinned tile {chosen!r} of {self.name} [{key}] is not a config of "
+                          f"{card.name} here; tuning again", stacklevel=3)
+        if tile is None:
+            tile = self._decide(card, key, cands, grid, args, device, constexprs)
+        if _runnable(args):  # a fake run (the cost model) does not settle a real choice
+            _TABLE.setdefault(card.name, {}).setdefault(self.name, {})[key] = tile.name
+            self._memo[(card.name, values, dtype)] = tile
+        return tile
+
+    def _decide(self, card, key, cands, grid, args, device, constexprs):
+        if len(cands) == 1 or not _runnable(args):
+            return cands[0]
+        if _COORDINATOR and _COORDINATOR[-1][1] != 0:
+            return _wait_for_rank0(self.name, card, key, cands)
+        tile = self._time(cands, grid, args, device, constexprs)
+        if _COORDINATOR:
+            store = _COORDINATOR[-1][0]
+            store.set(_store_key(self.name, card, key), tile.name)
+        return tile
+
+    def _time(self, cands, grid, args, device, constexprs):
+        saved = [(i, args[i].clone()) for i in self.restore_index if isinstance(args[i], torch.Tensor)]
+        errors, times, last_error = _launch_errors(), {}, None
+        for tile in cands:
+            try:
+                times[tile.name] = benchmark(
+                    lambda: launch(self.kernel, grid(tile), args, device, **constexprs, **tile.kwargs))
+            except errors as exc:  # this config cannot run on this card: skip it
+                times[tile.name], last_error = math.inf, exc
+            finally:
+                for i, copy in saved:
+                    args[i].copy_(copy)
+        best = min(cands, key=lambda t: times[t.name])  # ties: the earlier config
+        if math.isinf(times[best.name]):
+            raise RuntimeError(f"fastpreact: no tile config of {self.name} runs on this card ({last_error})")
+        return best
+
+
+def _wait_for_rank0(name, card, key, cands):
+    store, _, timeout = _COORDINATOR[-1]
+    skey = _store_key(name, card, key)
+    import datetime
+    try:
+        store.wait([skey], datetime.timedelta(seconds=timeout))
+    except Exception as exc:  # noqa: BLE001 - the store's own timeout error names nothing useful
+        raise RuntimeError(f"fastpreact: rank 0 did not publish its tile for {name} [{key}] on {card.name} "
+                           f"within {timeout:.0f} s ({type(exc).__name__}); every rank must run the same "
+                           "shapes on the same card type") from exc
+    chosen = store.get(skey).decode()
+    for tile in cands:
+        if tile.name == chosen:
+            return tile
+    raise RuntimeError(f"fastpreact: rank 0 chose tile {chosen!r} for {name} [{key}], which is not a "
+                       f"config of {card.name} on this rank")
+
+
+def _store_key(name, card, key):
+    return f"fastpreact/tuning/{card.name}/{name}/{key}"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _elem_bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------
+def table() -> dict:
+    """The choices made or pinned so far: {"format": 1, "cards": {card: {kernel: {key: config}}}}."""
+    return {"format": FORMAT, "cards": json.loads(json.dumps(_TABLE))}
+
+
+def clear():
+    """Forget every choice (the next launch of each shape tunes again)."""
+    _TABLE.clear()
+    for k in _KERNELS:
+        k._memo.clear()
+
+
+def pin(choices: dict):
+    """Take the choices of a table() (from another run, rank or file): those shapes are not tuned."""
+    if not isinstance(choices, dict) or choices.get("format") != FORMAT or not isinstance(choices.get("cards"), dict):
+        raise ValueError(f"not a fastpreact tuning table (expected {{'format': {FORMAT}, 'cards': {{...}}}})")
+    for card, kernels in choices["cards"].items():
+        for kernel, keys in kernels.items():
+            if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+                raise ValueError(f"tuning table: {card}/{kernel} must map shape keys to config names")
+            _TABLE.setdefault(card, {}).setdefault(kernel, {}).update(keys)
+    for k in _KERNELS:
+        k._memo.clear()
+
+
+def save(path):
+    """Write table() to `path` atomically (a temporary file renamed over it)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(table(), f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path):
+    """pin() the table saved at `path`; one clear error for a missing or malformed file."""
+    try:
+        with open(path) as f:
+            choices = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read the tuning table {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the tuning table {path} is not valid JSON (line {exc.lineno}); delete it or "
+                         "pass another file") from exc
+    try:
+        pin(choices)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def coordinate(store, rank: int, timeout_s: float = 600.0):
+    """Inside, a shape's first launch is tuned by rank 0 only, which publishes the choice in `store`
+    (a torch.distributed Store every rank shares); the other ranks wait for it (up to timeout_s)."""
+    _COORDINATOR.append((store, int(rank), float(timeout_s)))
+    try:
+        yield
+    finally:
+        _COORDINATOR.pop()
