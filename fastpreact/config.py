@@ -32,7 +32,7 @@ WEIGHT_DECAY = 1e-4     # the paper's SGD, applied to every parameter unless --n
 CKPT_EVERY = 1000       # iterations; plus every epoch end. A CIFAR epoch at batch 128 is 390 iterations
 LOG_EVERY = 20          # iterations between metrics.jsonl records (each costs one device sync)
 # Options that describe this process, not the run: never taken over from a checkpoint on resume.
-RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers", "dist_timeout", "max_restarts")
+RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers", "dist_timeout", "max_restarts", "tuning")
 
 
 class UsageError(Exception):
@@ -105,6 +105,8 @@ def _device_options(p):
     g.add_argument("--dist-timeout", type=parse_timeout, metavar="SECONDS",
                    help=f"a collective that waits longer fails (default {DEFAULT_TIMEOUT_S:g})")
     g.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over all ranks")
+    g.add_argument("--tuning", metavar="FILE", help="pin the fused kernels' tile choices from a tuning.json "
+                   "(a run folder keeps its own, and a resume pins it)")
 
 
 def _run_file_options(p):
@@ -136,7 +138,18 @@ def resolve_config(opts, world_size):
     _resolve_precision(c)
     _resolve_run_lengths(c)
     _check_arch(c)
+    _read_tuning(c)
     return c
+
+
+def _read_tuning(c):
+    """--tuning FILE: read and checked now, so that a bad file stops the run before anything starts."""
+    if c.tuning:
+        from .kernels import tuning
+        try:
+            tuning.read(c.tuning)
+        except ValueError as exc:
+            raise UsageError(f"--tuning: {exc}") from exc
 
 
 def _resolve_device(c):

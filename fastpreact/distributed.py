@@ -79,6 +79,17 @@ def init_process_group(device: torch.device, timeout: float | None = None):
     store = attempt_store(rank, world_size, seconds)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=seconds))
+    _JOB.update(store=store, timeout_s=seconds)
+
+
+_JOB: dict = {}  # store, timeout_s of this attempt's process group (init_process_group)
+
+
+def job_store():
+    """(the store this attempt's ranks share, its timeout in seconds), or (None, None) without a group."""
+    if not dist.is_initialized():
+        return None, None
+    return _JOB.get("store"), _JOB.get("timeout_s")
 
 
 def attempt_store(rank, world_size, timeout_s):

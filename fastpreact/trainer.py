@@ -5,6 +5,7 @@ build the run (data, model, optimizer), restore the checkpoint, open the run fil
 steps share one RunState; the loop is flat, and every periodic action (log, evaluate, checkpoint) is
 one named function of the state.
 """
+import contextlib
 import os
 import platform
 import signal
@@ -23,7 +24,8 @@ from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json
                          load_checkpoint, newest_valid_checkpoint, remove_stale_tmp, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import RUNTIME_OPTIONS, UsageError, default_out, lr_at, plan_run, resolve_config
-from .distributed import destroy_process_group
+from .distributed import destroy_process_group, job_store
+from .kernels import tuning
 from .evaluation import evaluate
 from .runlog import RunLog
 from .runsetup import autocast_for, create_run_model, load_data, seed_everything, setup_worker
@@ -77,6 +79,7 @@ def train_worker(opts, rank, world_size, local_rank):
     if ckpt is not None:
         restore(run, ckpt)
         del ckpt  # the run holds its own copy of every tensor now
+    pin_tuning(cfg)
     open_run_files(run, ckpt_path)
     stop_reason, signum = train_loop(run)
     exit_code = finish(run, stop_reason, signum)
@@ -211,6 +214,23 @@ def restore(run, ckpt):
     run.data.train.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"])
     run.step = ckpt["step"]
+    if ckpt.get("tuning"):  # the kernels' tile choices: the resumed run launches the same tiles
+        tuning.pin(ckpt["tuning"])
+
+
+def pin_tuning(cfg):
+    """--tuning FILE (read and checked by resolve_config): another run's tile choices, over a checkpoint's."""
+    if cfg.tuning:
+        tuning.load(cfg.tuning)
+
+
+def coordinated_tuning(run):
+    """Around a training step of several ranks: a shape's first launch is tuned by rank 0, and every
+    rank takes its choice (kernels/tuning.py), so all ranks launch the same tiles."""
+    store, timeout = job_store()
+    if not run.distributed or store is None:
+        return contextlib.nullcontext()
+    return tuning.coordinate(store, run.rank, timeout)
 
 
 def open_run_files(run, ckpt_path):
@@ -263,7 +283,8 @@ def train_loop(run):
             for images, labels in run.data.train:
                 if not fits_captured_step(run, train_step, images, labels):
                     continue
-                loss = train_step(images, labels)
+                with coordinated_tuning(run):
+                    loss = train_step(images, labels)
                 run.step += 1
                 progress.update(loss)
                 if run.step % cfg.log_every == 0 or run.step == cfg.total_iters:
@@ -397,9 +418,10 @@ def write_checkpoint(run):
     state = {"format": CHECKPOINT_FORMAT, "step": run.step, "epoch": run.data.train.epoch,
              "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.scaler.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "loader": run.data.train.state_dict(), "rng": rng_state(),
+             "loader": run.data.train.state_dict(), "rng": rng_state(), "tuning": tuning.table(),
              "options": dict(run.opts), "config": vars(run.cfg)}
     run.last_checkpoint = save_checkpoint(state, run.out / "checkpoints", run.step)
+    tuning.save(run.out / "tuning.json")
 
 
 def run_evaluation(run):
@@ -439,6 +461,7 @@ def finish(run, stop_reason, signum):
     average_bn_buffers(run.model, run.distributed)
     if run.is_main:
         atomic_torch_save(run.model.state_dict(), run.out / "final.pt")
+        tuning.save(run.out / "tuning.json")
         run.say(f"done: {run.step} iterations; final weights {run.out / 'final.pt'}")
     return 0
 

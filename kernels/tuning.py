@@ -35,7 +35,7 @@ import torch
 from . import configs
 from .cards import Card
 
-__all__ = ["launch", "TunedKernel", "table", "pin", "clear", "save", "load", "coordinate", "benchmark"]
+__all__ = ["launch", "TunedKernel", "table", "pin", "clear", "save", "read", "load", "coordinate", "benchmark"]
 
 FORMAT = 1
 _TABLE: dict[str, dict[str, dict[str, str]]] = {}  # card -> kernel -> key -> config name
@@ -210,15 +210,21 @@ def clear():
 
 def pin(choices: dict):
     """Take the choices of a table() (from another run, rank or file): those shapes are not tuned."""
-    if not isinstance(choices, dict) or choices.get("format") != FORMAT or not isinstance(choices.get("cards"), dict):
-        raise ValueError(f"not a fastpreact tuning table (expected {{'format': {FORMAT}, 'cards': {{...}}}})")
+    _check(choices)
     for card, kernels in choices["cards"].items():
         for kernel, keys in kernels.items():
-            if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
-                raise ValueError(f"tuning table: {card}/{kernel} must map shape keys to config names")
             _TABLE.setdefault(card, {}).setdefault(kernel, {}).update(keys)
     for k in _KERNELS:
         k._memo.clear()
+
+
+def _check(choices):
+    if not isinstance(choices, dict) or choices.get("format") != FORMAT or not isinstance(choices.get("cards"), dict):
+        raise ValueError(f"not a fastpreact tuning table (expected {{'format': {FORMAT}, 'cards': {{...}}}})")
+    for card, kernels in choices["cards"].items():
+        for kernel, keys in (kernels.items() if isinstance(kernels, dict) else [(None, None)]):
+            if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+                raise ValueError(f"tuning table: {card}/{kernel} must map shape keys to config names")
 
 
 def save(path):
@@ -231,8 +237,8 @@ def save(path):
     os.replace(tmp, path)
 
 
-def load(path):
-    """pin() the table saved at `path`; one clear error for a missing or malformed file."""
+def read(path) -> dict:
+    """The table saved at `path`, checked; one clear ValueError for a missing or malformed file."""
     try:
         with open(path) as f:
             choices = json.load(f)
@@ -242,9 +248,15 @@ def load(path):
         raise ValueError(f"the tuning table {path} is not valid JSON (line {exc.lineno}); delete it or "
                          "pass another file") from exc
     try:
-        pin(choices)
+        _check(choices)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    return choices
+
+
+def load(path):
+    """pin() the table saved at `path` (see read)."""
+    pin(read(path))
 
 
 @contextlib.contextmanager

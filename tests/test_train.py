@@ -129,7 +129,8 @@ def test_shapes10_end_to_end_run_files_and_eval_only(tmp_path, capsys):
     code, err = run_main(["shapes10", *TINY, "--iters", "20", "--eval-every", "10", "--ckpt-every", "3",
                           "--log-every", "5", "--out", str(out)], capsys)
     assert code == 0, err
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoints", "final.pt", "curves.png"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoints", "final.pt", "curves.png",
+                                               "tuning.json"}
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "resnet8" and config["total_iters"] == 20 and config["versions"]["torch"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -169,6 +170,35 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, capsys):
     code, err = run_main(["shapes10", *TINY, "--iters", "2", "--resume", "auto", "--out", str(out)], capsys)
     assert code == 0, err
     assert "no valid checkpoint" in err and "starting fresh" in err and (out / "final.pt").exists()
+
+
+def test_fused_run_keeps_its_tile_choices_and_a_resume_pins_them(tmp_path, capsys, monkeypatch):
+    """The kernels' tuning table goes into every checkpoint and RUN/tuning.json; a resume pins the
+    checkpoint's; --tuning pins a file's, and a bad file is one line."""
+    from fastpreact.kernels import tuning
+    out = tmp_path / "run"
+    common = ["shapes10", "--arch", "resnet8", "--batch-size", "8", "--train-size", "64", "--val-size", "8",
+              "--kernels", "fused", "--out", str(out)]
+    tuning.clear()
+    code, err = run_main([*common, "--iters", "2"], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "tuning.json").read_text())
+    kernels = saved["cards"]["interpreter"]
+    assert {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz"} <= set(kernels)
+    assert load_checkpoint(out / "checkpoints" / "ckpt-2.pt")["tuning"] == saved
+
+    pinned = []
+    monkeypatch.setattr(tuning, "pin", lambda table, _pin=tuning.pin: (pinned.append(table), _pin(table))[1])
+    tuning.clear()
+    code, err = run_main([*common, "--iters", "3", "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert pinned and pinned[0] == saved
+
+    (tmp_path / "bad.json").write_text("{broken")
+    code, err = run_main([*common, "--iters", "4", "--resume", "auto", "--tuning", str(tmp_path / "bad.json")],
+                         capsys)
+    assert code == 2 and "--tuning" in err and "not valid JSON" in err and len(err.strip().splitlines()) == 1
+    tuning.clear()
 
 
 def write_cifar10_fixture(root, per_batch=40, test_size=40, seed=0):
