@@ -27,8 +27,8 @@ import time
 import torch
 
 # Peaks of the cards, (bf16 matmul FLOP/s, copy bytes/s): one table for the whole project, with its
-# sources, in fastpreact.step_cost; used here only to say what fraction of the card a kernel reaches.
-from fastpreact.step_cost import CARD_PEAKS
+# sources, in fastpreact.cost; used here only to say what fraction of the card a kernel reaches.
+from fastpreact.cost import CARD_PEAKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ON_GPU = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""Where a training step's time goes: the step-cost MODEL (fastpreact.step_cost), at full size, on any
+"""Where a training step's time goes: the step-cost MODEL (fastpreact.cost), at full size, on any
 machine, in seconds. Its rows are predictions, never measurements.
 
 For resnet200 (batch 64, 224 px) and resnet1001 / resnet164 (batch 128, 32 px), stock and fused, bf16
@@ -39,7 +39,7 @@ def step_cost(arch, kernels):
     """The StepCost of one bf16 training step of `arch` (cached for the session)."""
     import torch
 
-    from fastpreact import step_cost as sc
+    from fastpreact import cost as sc
     if (arch, kernels) not in _COUNTS:
         cfg = CASES[arch]
         _COUNTS[arch, kernels] = sc.count_model(arch, cfg["num_classes"], kernels=kernels, batch=cfg["batch"],
@@ -49,7 +49,7 @@ def step_cost(arch, kernels):
 
 def class_rows(arch, kernels):
     """Rows per op class, then a "total" row, of one net (fused rows carry their ratio to stock)."""
-    from fastpreact import step_cost as sc
+    from fastpreact import cost as sc
     cost, batch = step_cost(arch, kernels), CASES[arch]["batch"]
     preds = {card: sc.predict(cost, card) for card in sc.CARDS}
     stock = step_cost(arch, "stock") if kernels == "fused" else None
@@ -86,7 +86,7 @@ def class_rows(arch, kernels):
 def measured_step_ms(directory):
     """{(card, arch, kernels, batch): (ms, file name)} of the eager train_step rows in the newest GPU
     results file of each card the model knows (CPU files are never measurements)."""
-    from fastpreact.step_cost import CARDS
+    from fastpreact.cost import CARDS
     found = {}
     for card in CARDS:
         paths = sorted(glob.glob(os.path.join(directory, f"*-{card}.json")))

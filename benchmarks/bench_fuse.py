@@ -52,7 +52,7 @@ def test_fuse(benchmark, results, model_name, kernels):
     counts = None
     if kernels == "fused":
         try:
-            from fastpreact.fuse import fuse, fused_chains
+            from fastpreact import fuse, fused_chains
             model = fuse(model)
             counts = dict(fused_chains(model))
         except Exception as exc:

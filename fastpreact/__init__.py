@@ -1,7 +1,18 @@
 """fastpreact: the fastest way to train pre-activation ResNets in PyTorch.
 
 Public interface: fastpreact.models.create_model, fastpreact.BNReLUConv1x1,
-fastpreact.functional.bn_relu_conv1x1, fastpreact.fuse, and `python -m fastpreact.train`.
+fastpreact.functional.bn_relu_conv1x1, fastpreact.fuse (and fused_chains), `python -m fastpreact.train`
+and `python -m fastpreact.check`.
+
+  kernels/     Triton kernels (fastpreact.kernels), their tiles per card and the tuner
+  functional/  the fused ops (autograd Functions and torch.library operators) and the PyTorch fallback
+  nn/          drop-in modules on the fused ops
+  models/      the paper's ResNets, stock and fused units
+  data/        CIFAR, ImageNet (DALI, torchvision), synthetic, the embedded shapes10
+  train/       python -m fastpreact.train
+  fusion/      fastpreact.fuse(model)
+  cost/        the step cost model (launches, bytes, FLOPs, roofline)
+  reference.py the PyTorch oracle; check.py python -m fastpreact.check
 """
 import importlib.util as _importlib_util
 
@@ -18,10 +29,7 @@ if _importlib_util.find_spec(__name__ + ".kernels") is None:
 
 from . import functional, reference  # noqa: F401
 from .nn import BNReLUConv1x1, BNReLUConv1x1Dual  # noqa: F401
-# The function fuse shadows its module fastpreact/fuse.py (light: it imports its machinery on first
-# call). Imported here, the module is in sys.modules before any `from fastpreact.fuse import ...`, so
-# that import never rebinds fastpreact.fuse to the module.
-from .fuse import fuse, fused_chains  # noqa: F401,E402
+from .fusion import fuse, fused_chains  # noqa: F401,E402  (light: the machinery loads on first call)
 
 
 def __getattr__(name):

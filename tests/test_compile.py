@@ -18,7 +18,7 @@ from torch import nn
 
 import fastpreact
 from fastpreact import functional as Fp
-from fastpreact.fuse import fused_chains
+from fastpreact import fused_chains
 from fastpreact.models import create_model
 
 pytestmark = pytest.mark.skipif(Fp.backend("cpu") != "triton",

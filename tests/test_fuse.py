@@ -1,4 +1,4 @@
-"""fastpreact.fuse: BN -> ReLU -> 1x1 conv chains of torchvision, timm and user models on the fused op.
+"""fastpreact.fuse (fastpreact/fusion): BN -> ReLU -> 1x1 conv chains of torchvision, timm and user models on the fused op.
 
 Which backend runs (stated per test):
   - "interpreter": the Triton kernels through TRITON_INTERPRET=1 (set by conftest.py on a CPU machine).
@@ -32,8 +32,8 @@ from torch import nn
 
 import fastpreact
 from fastpreact import functional as Fp
-from fastpreact.fuse import fuse, fused_chains
-from fastpreact.fuse_sequential import FusedSequential
+from fastpreact import fuse, fused_chains
+from fastpreact.fusion.sequential import FusedSequential
 from oracle import assert_oracle as assert_relative
 
 BN_RELU = "BatchNorm2d -> ReLU -> Conv1x1"
@@ -150,7 +150,7 @@ def test_counts_state_dict_and_log(name, expected, caplog):
     else:
         model = getattr(pytest.importorskip("torchvision.models"), arch)(num_classes=10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="fastpreact.fuse"), warnings.catch_warnings(record=True) as seen:
+    with caplog.at_level(logging.INFO, logger="fastpreact.fusion"), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         fused = fuse(model)
     assert not [str(w.message) for w in seen if "fastpreact" in str(w.message)]  # all traced cleanly
@@ -443,7 +443,7 @@ def test_graph_module_deepcopy_pickle():
 
 
 def test_pickle_loaded_unfused_with_warning_when_it_cannot_be_traced_again():
-    from fastpreact import fuse_fx
+    from fastpreact.fusion import traced as fuse_fx
     model = ToyModel()
     buffer = io.BytesIO()
     torch.save(fuse(model), buffer)
@@ -480,7 +480,7 @@ def test_fastpreact_classes_fuse_knows_are_the_exported_ones():
     # is one fuse leaves alone.
     import fastpreact.models
     import fastpreact.nn
-    from fastpreact.fuse_chain import RUNS_FUSED_OP, bn_kind
+    from fastpreact.fusion.patterns import RUNS_FUSED_OP, bn_kind
     packages = (fastpreact, fastpreact.nn, fastpreact.models)
     for cls in RUNS_FUSED_OP:
         assert any(getattr(p, cls.__name__, None) is cls for p in packages), cls
@@ -508,25 +508,24 @@ def test_fastpreact_fused_model_left_alone():
     assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
 
 
-@pytest.mark.parametrize("first", ["import fastpreact", "from fastpreact.fuse import fused_chains"])
+@pytest.mark.parametrize("first", ["import fastpreact", "from fastpreact import fused_chains"])
 def test_fastpreact_fuse_is_the_function_whatever_is_imported_first(first):
-    # A fresh interpreter: fastpreact.fuse(model) works after either import, `from fastpreact.fuse
-    # import fused_chains` works, and `import fastpreact` loads neither fuse's machinery nor the
-    # optional packages.
+    # A fresh interpreter: fastpreact.fuse(model) works after either import, and `import fastpreact`
+    # loads neither the fusion machinery nor the optional packages.
     code = f"""
 import sys
 {first}
 import fastpreact
 heavy = [m for m in sys.modules if m.split(".")[0] in ("timm", "torchvision", "triton")
-         or m in ("fastpreact.fuse_walk", "fastpreact.fuse_fx", "fastpreact.fuse_chain")]
+         or m in ("fastpreact.fusion.walk", "fastpreact.fusion.traced", "fastpreact.fusion.patterns")]
 assert not heavy, heavy
-from fastpreact.fuse import fused_chains
+from fastpreact import fused_chains
 from torch import nn
 model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
 assert fused_chains(fastpreact.fuse(model)) == fastpreact.fused_chains(fastpreact.fuse(model, inplace=True))
 assert sum(fused_chains(model).values()) == 1
-import fastpreact.fuse
-assert callable(fastpreact.fuse)
+import fastpreact.fusion
+assert callable(fastpreact.fuse) and fastpreact.fuse is fastpreact.fusion.fuse
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -19,9 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_installed_package_and_kernels_resolve_to_this_repository():
     assert Path(fastpreact.__file__).resolve().parent == REPO / "fastpreact"
     assert Path(fastpreact.kernels.__file__).resolve().parent == REPO / "kernels"
-    from fastpreact.kernels import batch_stats, bn_relu, bn_relu_conv1x1
-    for mod in (batch_stats, bn_relu, bn_relu_conv1x1):
+    from fastpreact.kernels import batch_stats, bn_relu, bn_relu_conv1x1, tuning
+    from fastpreact.kernels.bn_relu_conv1x1 import backward, forward
+    for mod in (batch_stats, bn_relu, tuning):
         assert Path(mod.__file__).resolve().parent == REPO / "kernels"
+    for mod in (bn_relu_conv1x1, forward, backward):  # a sub-package of the kernels
+        assert Path(mod.__file__).resolve().parent == REPO / "kernels" / "bn_relu_conv1x1"
 
 
 def test_import_without_the_kernels_mapping_fails_with_the_fix(tmp_path):

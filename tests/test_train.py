@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastpreact import train
-from fastpreact.checkpoint import (atomic_torch_save, list_checkpoints, load_checkpoint,
+from fastpreact.train import options
+from fastpreact.train.checkpoint import (atomic_torch_save, list_checkpoints, load_checkpoint,
                                    newest_valid_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from fastpreact.models import create_model
 
@@ -35,50 +36,50 @@ def run_main(argv, capsys):
 
 # ------------------------------------------------------------------------------ recipe and schedule
 def test_paper_cifar_schedule():
-    total, warmup, milestones = train.plan_schedule("cifar", 128, 390)
+    total, warmup, milestones = options.plan_schedule("cifar", 128, 390)
     assert (total, warmup, milestones) == (64000, 400, (32000, 48000))
     s = dict(lr=0.1, total_iters=total, warmup_iters=warmup, milestones=milestones)
-    assert train.lr_at(0, **s) == pytest.approx(0.01)
-    assert train.lr_at(399, **s) == pytest.approx(0.01)
-    assert train.lr_at(400, **s) == pytest.approx(0.1)
-    assert train.lr_at(31999, **s) == pytest.approx(0.1)
-    assert train.lr_at(32000, **s) == pytest.approx(0.01)
-    assert train.lr_at(47999, **s) == pytest.approx(0.01)
-    assert train.lr_at(48000, **s) == pytest.approx(0.001)
-    assert train.lr_at(63999, **s) == pytest.approx(0.001)
+    assert options.lr_at(0, **s) == pytest.approx(0.01)
+    assert options.lr_at(399, **s) == pytest.approx(0.01)
+    assert options.lr_at(400, **s) == pytest.approx(0.1)
+    assert options.lr_at(31999, **s) == pytest.approx(0.1)
+    assert options.lr_at(32000, **s) == pytest.approx(0.01)
+    assert options.lr_at(47999, **s) == pytest.approx(0.01)
+    assert options.lr_at(48000, **s) == pytest.approx(0.001)
+    assert options.lr_at(63999, **s) == pytest.approx(0.001)
 
 
 def test_paper_imagenet_schedule_and_stretching():
     ipe = 1281167 // 256
-    total, warmup, milestones = train.plan_schedule("imagenet", 256, ipe)
+    total, warmup, milestones = options.plan_schedule("imagenet", 256, ipe)
     assert (total, warmup, milestones) == (90 * ipe, 0, (30 * ipe, 60 * ipe))
     s = dict(lr=0.1, total_iters=total, warmup_iters=warmup, milestones=milestones)
-    assert train.lr_at(0, **s) == pytest.approx(0.1)
-    assert train.lr_at(30 * ipe - 1, **s) == pytest.approx(0.1)
-    assert train.lr_at(30 * ipe, **s) == pytest.approx(0.01)
-    assert train.lr_at(60 * ipe, **s) == pytest.approx(0.001)
+    assert options.lr_at(0, **s) == pytest.approx(0.1)
+    assert options.lr_at(30 * ipe - 1, **s) == pytest.approx(0.1)
+    assert options.lr_at(30 * ipe, **s) == pytest.approx(0.01)
+    assert options.lr_at(60 * ipe, **s) == pytest.approx(0.001)
     # --epochs 45 halves every milestone; --iters 6400 on CIFAR is a tenth of the recipe.
-    assert train.plan_schedule("imagenet", 256, ipe, epochs=45) == (45 * ipe, 0, (15 * ipe, 30 * ipe))
-    assert train.plan_schedule("cifar", 128, 390, iters=6400) == (6400, 40, (3200, 4800))
-    assert train.plan_schedule("cifar", 128, 390, epochs=2) == (780, 5, (390, 585))
-    assert train.plan_schedule("cifar", 128, 390, iters=6400, warmup_iters=0) == (6400, 0, (3200, 4800))
+    assert options.plan_schedule("imagenet", 256, ipe, epochs=45) == (45 * ipe, 0, (15 * ipe, 30 * ipe))
+    assert options.plan_schedule("cifar", 128, 390, iters=6400) == (6400, 40, (3200, 4800))
+    assert options.plan_schedule("cifar", 128, 390, epochs=2) == (780, 5, (390, 585))
+    assert options.plan_schedule("cifar", 128, 390, iters=6400, warmup_iters=0) == (6400, 0, (3200, 4800))
 
 
 def test_cosine_schedule():
     s = dict(lr=0.2, total_iters=1000, warmup_iters=100, schedule="cosine")
-    assert train.lr_at(50, **s) == pytest.approx(0.02)
-    assert train.lr_at(100, **s) == pytest.approx(0.2)
-    assert train.lr_at(550, **s) == pytest.approx(0.1)
-    assert train.lr_at(1000, **s) == pytest.approx(0.0, abs=1e-12)
+    assert options.lr_at(50, **s) == pytest.approx(0.02)
+    assert options.lr_at(100, **s) == pytest.approx(0.2)
+    assert options.lr_at(550, **s) == pytest.approx(0.1)
+    assert options.lr_at(1000, **s) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_resolve_config_scales_lr_with_global_batch():
-    cfg = train.resolve_config({"dataset": "cifar10", "device": "cpu", "batch_size": 512}, world_size=4)
+    cfg = options.resolve_config({"dataset": "cifar10", "device": "cpu", "batch_size": 512}, world_size=4)
     assert cfg.lr == pytest.approx(0.4) and cfg.arch == "resnet164" and cfg.kernels == "stock"
     assert cfg.amp == "off" and cfg.momentum == 0.9 and cfg.wd == 1e-4 and cfg.channels_last
-    cfg = train.resolve_config({"dataset": "imagenet", "device": "cpu"}, world_size=8)
+    cfg = options.resolve_config({"dataset": "imagenet", "device": "cpu"}, world_size=8)
     assert (cfg.arch, cfg.batch_size, cfg.lr, cfg.recipe) == ("resnet200", 256, pytest.approx(0.1), "imagenet")
-    cfg = train.resolve_config({"dataset": "shapes10", "device": "cpu", "batch_size": 64, "lr": 0.3}, 1)
+    cfg = options.resolve_config({"dataset": "shapes10", "device": "cpu", "batch_size": 64, "lr": 0.3}, 1)
     assert cfg.lr == 0.3 and cfg.recipe == "cifar"  # an explicit --lr is taken as given
 
 
@@ -91,7 +92,7 @@ def test_lr_scheduler_follows_schedule_in_training(tmp_path, capsys):
            if r["kind"] == "train"}
     # record at step s holds the lr of the NEXT step (index s); milestones at 6 and 9 (64k/32k/48k x 12/64k)
     base = 0.1 * 16 / 128
-    expected = {s: train.lr_at(s, lr=base, total_iters=12, warmup_iters=3, milestones=(6, 9)) for s in lrs}
+    expected = {s: options.lr_at(s, lr=base, total_iters=12, warmup_iters=3, milestones=(6, 9)) for s in lrs}
     assert lrs == pytest.approx(expected)
     assert lrs[1] == pytest.approx(base / 10) and lrs[3] == pytest.approx(base) and lrs[9] == pytest.approx(base / 100)
 

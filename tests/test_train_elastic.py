@@ -20,15 +20,16 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from fastpreact import config, distributed, train
+from fastpreact import train
+from fastpreact.train import distributed, options
 from oracle import assert_same_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 RUN = ["shapes10", "--device", "cpu", "--arch", "resnet8", "--batch-size", "16", "--train-size", "256",
        "--val-size", "64", "--iters", "24", "--ckpt-every", "4", "--eval-every", "12", "--log-every", "4"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-LAUNCH = [sys.executable, "-c", "import sys; from fastpreact import train; "
-          "sys.exit(train.launch_local_workers(2, sys.argv[2:], train.main, eval(sys.argv[1])))"]
+LAUNCH = [sys.executable, "-c", "import sys; from fastpreact import train; from fastpreact.train.distributed import launch_local_workers; "
+          "sys.exit(launch_local_workers(2, sys.argv[2:], train.main, eval(sys.argv[1])))"]
 DEADLINE_S = 150  # far above what any of these runs takes; only a hang reaches it
 
 
@@ -196,7 +197,7 @@ def test_restarted_workers_resume_unless_the_command_says_from_what():
 PEER = """
 import os, sys, time
 import torch, torch.distributed as dist
-from fastpreact.distributed import init_process_group
+from fastpreact.train.distributed import init_process_group
 init_process_group(torch.device("cpu"), float(sys.argv[1]))
 if dist.get_rank() == 1:
     sys.stdin.read()  # never reaches the collective; ends when the test closes stdin
@@ -281,5 +282,5 @@ def test_bad_fault_options_are_one_line_errors(args, message, capsys):
 
 
 def test_dist_timeout_is_a_runtime_option():
-    assert {"dist_timeout", "max_restarts"} <= set(config.RUNTIME_OPTIONS)
-    assert train.build_parser().parse_args(["shapes10", "--dist-timeout", "90"]).dist_timeout == 90.0
+    assert {"dist_timeout", "max_restarts"} <= set(options.RUNTIME_OPTIONS)
+    assert options.build_parser().parse_args(["shapes10", "--dist-timeout", "90"]).dist_timeout == 90.0

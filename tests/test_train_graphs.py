@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpreact import trainer
-from fastpreact.config import lr_at, resolve_config
-from fastpreact.train_step import GRAPH_WARMUP_STEPS, GraphedStep, StaticBatch, bind_lr_tensor, make_train_step
+from fastpreact.train import worker
+from fastpreact.train.options import lr_at, resolve_config
+from fastpreact.train.step import GRAPH_WARMUP_STEPS, GraphedStep, StaticBatch, bind_lr_tensor, make_train_step
 
 from test_data_imagenet import _make_tree
 
@@ -31,14 +31,14 @@ def one_thread():
 
 
 def build(graphs, device="cpu", **opts):
-    """A run at step 0 (trainer.build_run) of resnet8 on shapes10, with fused SGD, the optimizer of every
+    """A run at step 0 (worker.build_run) of resnet8 on shapes10, with fused SGD, the optimizer of every
     CUDA run (a CPU run takes foreach SGD, whose arithmetic differs in the last bit); graphs: the config
     of a --cuda-graphs run, which the CPU option check would refuse."""
     opts = {"dataset": "shapes10", "device": device, "arch": "resnet8", "batch_size": 16, "train_size": 128,
             "val_size": 32, "iters": STEPS, "warmup_iters": 2, **opts}
     cfg = resolve_config(opts, 1)
     cfg.cuda_graphs = True  # build_optimizer: fused SGD
-    run = trainer.build_run(opts, cfg, torch.device(device), 0, 1, Path("unused"), say=lambda msg: None)
+    run = worker.build_run(opts, cfg, torch.device(device), 0, 1, Path("unused"), say=lambda msg: None)
     cfg.cuda_graphs = graphs
     return run
 
@@ -152,11 +152,11 @@ def test_imagenet_batch_short_of_an_undecodable_image_is_skipped(tmp_path, monke
     cfg = resolve_config(opts, 1)
     cfg.cuda_graphs, cfg.workers = True, 0
     said = []
-    run = trainer.build_run(opts, cfg, torch.device("cpu"), 0, 1, tmp_path / "run", said.append)
-    monkeypatch.setattr(trainer, "make_train_step", lambda run: GraphedStep(run, run.train_model, capture=False))
-    trainer.open_run_files(run, None)
+    run = worker.build_run(opts, cfg, torch.device("cpu"), 0, 1, tmp_path / "run", said.append)
+    monkeypatch.setattr(worker, "make_train_step", lambda run: GraphedStep(run, run.train_model, capture=False))
+    worker.open_run_files(run, None)
     with pytest.warns(UserWarning, match="damaged.JPEG"):
-        stop_reason, _ = trainer.train_loop(run)
+        stop_reason, _ = worker.train_loop(run)
     skips = [m for m in said if "skipped a training batch" in m]
     assert stop_reason is None and run.step == 9  # the epoch's 8 full batches and one of the next
     # one skip in epoch 0; epoch 1 plans the file again (it is dropped again) if it falls before its 2nd batch

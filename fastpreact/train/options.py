@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DATASETS
+from ..data import DATASETS
 from .distributed import DEFAULT_TIMEOUT_S, parse_restarts, parse_timeout
 
 # The paper's recipes. The 32x32 sets (CIFAR, shapes10) count in iterations, ImageNet in epochs. lr is
@@ -145,7 +145,7 @@ def resolve_config(opts, world_size):
 def _read_tuning(c):
     """--tuning FILE: read and checked now, so that a bad file stops the run before anything starts."""
     if c.tuning:
-        from .kernels import tuning
+        from ..kernels import tuning
         try:
             tuning.read(c.tuning)
         except ValueError as exc:
@@ -226,7 +226,7 @@ def _resolve_run_lengths(c):
 
 def _check_arch(c):
     try:  # an unknown arch fails here, before any data is loaded (meta tensors: no memory, no init cost)
-        from .models import create_model
+        from ..models import create_model
         with torch.device("meta"):
             create_model(c.arch, 10, unit=c.unit)
     except (ValueError, TypeError) as e:

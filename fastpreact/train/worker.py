@@ -23,13 +23,13 @@ import torch.nn as nn
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, list_checkpoints,
                          load_checkpoint, newest_valid_checkpoint, remove_stale_tmp, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import RUNTIME_OPTIONS, UsageError, default_out, lr_at, plan_run, resolve_config
+from .options import RUNTIME_OPTIONS, UsageError, default_out, lr_at, plan_run, resolve_config
 from .distributed import destroy_process_group, job_store
-from .kernels import tuning
+from ..kernels import tuning
 from .evaluation import evaluate
-from .runlog import RunLog
-from .runsetup import autocast_for, create_run_model, load_data, seed_everything, setup_worker
-from .train_step import make_train_step
+from .metrics import RunLog
+from .components import autocast_for, create_run_model, load_data, seed_everything, setup_worker
+from .step import make_train_step
 
 MAX_NONFINITE = 20      # a loss non-finite this many steps in a row stops the run
 
@@ -182,7 +182,7 @@ def build_run(opts, cfg, device, rank, world_size, out, say):
     schedule = dict(lr=cfg.lr, total_iters=cfg.total_iters, warmup_iters=cfg.warmup_iters,
                     milestones=tuple(cfg.milestones), schedule=cfg.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, **schedule) / cfg.lr)
-    # fp16 needs loss scaling. bf16 and fp32 get a scaler held at scale 1 (see train_step.py): it only
+    # fp16 needs loss scaling. bf16 and fp32 get a scaler held at scale 1 (see step.py): it only
     # skips the steps whose gradients are not finite, as in fp16, without a host sync on CUDA.
     scaler = torch.amp.GradScaler(device.type, init_scale=65536.0 if cfg.amp == "fp16" else 1.0)
     return RunState(cfg=cfg, opts=opts, device=device, rank=rank, world_size=world_size, out=out, say=say,
@@ -265,7 +265,7 @@ def environment(device, world_size):
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

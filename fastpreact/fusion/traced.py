@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fuse_chain import (bn_kind, bn_relu_conv1x1_call, bn_relu_conv1x1_dual_call, conv1x1_ok, pattern_name,
+from .patterns import (bn_kind, bn_relu_conv1x1_call, bn_relu_conv1x1_dual_call, conv1x1_ok, pattern_name,
                          timm_attr)
 
 __all__ = ["PLAN_ATTR", "GRAPH_CHAINS_ATTR", "NotFusable", "find_chains", "rewrite", "fuse_traced",

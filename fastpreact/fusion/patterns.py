@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import BNReLUConv1x1, BNReLUConv1x1Dual
-from . import functional as Fp
-from .models import FusedBasic, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck
-from .nn import BatchNormReLU2d, FusedBatchNormReLU2d, FusedStem
+from ..nn import BNReLUConv1x1, BNReLUConv1x1Dual
+from .. import functional as Fp
+from ..models import FusedBasic, FusedBottleneck, FusedPreActBasic, FusedPreActBottleneck
+from ..nn import BatchNormReLU2d, FusedBatchNormReLU2d, FusedStem
 
 __all__ = ["RUNS_FUSED_OP", "bn_kind", "conv1x1_ok", "runs_fused_op", "pattern_name", "timm_attr",
            "bn_relu_conv1x1_call", "bn_relu_conv1x1_dual_call"]

@@ -41,32 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .functional.library import implementation
-from .launch_costs import (CLASSES, MATMUL_CLASSES, NO_LAUNCH, TRITON_COSTS, Launch, StepCost, aten_class,
+from ..functional.library import implementation
+from .launches import (CLASSES, NO_LAUNCH, TRITON_COSTS, Launch, StepCost, aten_class,
                            aten_cost)
 
-__all__ = ["CLASSES", "CARDS", "CARD_PEAKS", "HOST_US", "TRITON_COSTS", "NO_LAUNCH", "Launch", "StepCost",
-           "count_step", "count_model", "predict"]
-
-# ---------------------------------------------------------------------------------------------------
-# The constants of the roofline, in one place.
-# Cards: bf16 dense matmul FLOP/s and device-to-device copy bandwidth (bytes/s). H200: an 8192^3 bf16
-# matmul on random data ran at 769-798 TFLOP/s and a large device-to-device copy moved about 4.3 TB/s
-# (read + written) on H200 machines this project can use. H100: the same chip's matmul rate, and about
-# 90% of its 3.35 TB/s datasheet bandwidth, as a copy reaches on the H200; not measured on an H100.
-# benchmarks/_bench.py reads CARD_PEAKS from here.
-# Host: microseconds the host spends per launch. ASSUMPTIONS, not measurements (eager PyTorch dispatch of
-# one aten op with its autograd bookkeeping; a Triton launch adds Python argument binding and the
-# autotuner's cache lookup); change them here, or pass host_us= to predict().
-# ---------------------------------------------------------------------------------------------------
-CARDS = {
-    "h100": {"matmul_flops": 800e12, "copy_bytes_per_s": 3.0e12,
-             "source": "not measured: the H200's matmul rate (same chip), 90% of the datasheet bandwidth"},
-    "h200": {"matmul_flops": 790e12, "copy_bytes_per_s": 4.3e12, "source": "measured on an H200"},
-}
-CARD_PEAKS = {name: (c["matmul_flops"], c["copy_bytes_per_s"]) for name, c in CARDS.items()}
-HOST_US = {"aten": 6.0, "triton": 15.0}  # ASSUMED host cost per launch, microseconds
-
+__all__ = ["CLASSES", "TRITON_COSTS", "NO_LAUNCH", "Launch", "StepCost", "count_step", "count_model"]
 
 # ---------------------------------------------------------------------------------------------------
 # Recording
@@ -135,7 +114,7 @@ class _Recorder(TorchDispatchMode):
     def triton(self, name, meta, grid):
         if name not in TRITON_COSTS:
             raise KeyError(f"step_cost: no cost formula for the Triton kernel {name}; add one to TRITON_COSTS "
-                           "in fastpreact/launch_costs.py")
+                           "in fastpreact/cost/launches.py")
         cls, cost = TRITON_COSTS[name]
         grid = tuple(grid(meta) if callable(grid) else grid)
         nbytes, flops = cost(dict(meta, grid=grid))
@@ -156,7 +135,7 @@ def _triton_backend_on_cpu():
     import os
     import pkgutil
 
-    from . import kernels as pkg
+    from .. import kernels as pkg
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{info.name}")
     old = os.environ.get("TRITON_INTERPRET")
@@ -212,7 +191,7 @@ def _intercept_triton(rec):
 def _gpu_tiles():
     """The kernels take an H100's tiles, split counts and tile configs (the first candidate that fits
     stands for the tuned one) while the step is counted."""
-    from .kernels.cards import pretend
+    from ..kernels.cards import pretend
     with pretend("sm_90"):
         yield
 
@@ -294,7 +273,7 @@ def count_model(arch, num_classes, *, kernels, batch, image, amp_dtype=torch.bfl
                 **create_kw):
     """count_step of fastpreact.models.create_model(arch, num_classes, kernels=kernels, **create_kw),
     channels-last, on a [batch, 3, image, image] input."""
-    from .models import create_model
+    from ..models import create_model
 
     def make():
         gen = torch.Generator().manual_seed(0)
@@ -307,33 +286,3 @@ def count_model(arch, num_classes, *, kernels, batch, image, amp_dtype=torch.bfl
         y = torch.randint(0, num_classes, (batch,), generator=gen)
         return model, x, y
     return count_step(make, amp_dtype=amp_dtype, real=real, tiles=tiles)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The roofline
-# ---------------------------------------------------------------------------------------------------
-def predict(cost: StepCost, card: str, host_us: dict | None = None) -> dict:
-    """Predicted step time (ms) on `card` (a key of CARDS): a MODEL, not a measurement.
-
-    GPU time per op class: max(FLOPs / matmul rate, bytes / copy bandwidth) for the GEMM and convolution
-    classes (MATMUL_CLASSES, at the card's bf16 matmul rate), bytes / copy bandwidth for the others
-    (bandwidth-bound). Host time: launches times HOST_US (aten and Triton separately; assumptions).
-    The host is an overlapped pipeline (it enqueues while the GPU runs), so the step takes
-    max(GPU time, host time). Returns {"gpu_ms": {class: ms}, "gpu_total_ms", "host_ms", "step_ms",
-    "bound": "GPU" | "host"}.
-    """
-    if card not in CARDS:
-        raise ValueError(f"predict: unknown card {card!r}; known: {', '.join(CARDS)} (add it to "
-                         "fastpreact.step_cost.CARDS)")
-    host_us = dict(HOST_US, **(host_us or {}))
-    rate, bw = CARDS[card]["matmul_flops"], CARDS[card]["copy_bytes_per_s"]
-    per_class, host_s = {}, 0.0
-    for cls, d in cost.by_class().items():
-        seconds = d["bytes"] / bw
-        if cls in MATMUL_CLASSES:
-            seconds = max(seconds, d["flops"] / rate)
-        per_class[cls] = seconds * 1e3
-        host_s += (d["aten"] * host_us["aten"] + d["triton"] * host_us["triton"]) * 1e-6
-    gpu_ms, host_ms = sum(per_class.values()), host_s * 1e3
-    return {"gpu_ms": per_class, "gpu_total_ms": gpu_ms, "host_ms": host_ms, "step_ms": max(gpu_ms, host_ms),
-            "bound": "GPU" if gpu_ms >= host_ms else "host"}

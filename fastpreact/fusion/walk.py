@@ -3,7 +3,7 @@
 A module whose subtree holds a candidate BN and a candidate 1x1 conv not yet fused is fused
   - as a FusedSequential when it is an nn.Sequential with a window of consecutive children,
   - in place when it is a torch.fx GraphModule,
-  - else by tracing its forward (fuse_fx.fuse_traced).
+  - else by tracing its forward (traced.fuse_traced).
 A fused module is opaque to its parents (a chain that crosses into it is not seen), and so is one
 whose forward cannot be traced: it keeps its forward, with a warning naming it and the reason, and its
 children are still fused where they can be. fastpreact's own fused modules are left alone.
@@ -17,13 +17,13 @@ import warnings
 import torch.fx
 from torch import nn
 
-from .fuse_chain import bn_kind, conv1x1_ok, runs_fused_op
-from .fuse_fx import GRAPH_CHAINS_ATTR, PLAN_ATTR, NotFusable, fuse_graph_module, fuse_traced
-from .fuse_sequential import FusedSequential, sequential_windows
+from .patterns import bn_kind, conv1x1_ok, runs_fused_op
+from .traced import GRAPH_CHAINS_ATTR, PLAN_ATTR, NotFusable, fuse_graph_module, fuse_traced
+from .sequential import FusedSequential, sequential_windows
 
 __all__ = ["ModuleWalk", "chains_of", "is_fused"]
 
-logger = logging.getLogger("fastpreact.fuse")
+logger = logging.getLogger("fastpreact.fusion")
 
 
 def is_fused(m) -> bool:

@@ -26,7 +26,7 @@ GRAPH_WARMUP_STEPS = 3  # eager steps before capturing the CUDA graph (lazy init
 
 
 def make_train_step(run):
-    """The training step of `run` (a trainer.RunState): images, labels -> loss. With --cuda-graphs it is a
+    """The training step of `run` (a worker.RunState): images, labels -> loss. With --cuda-graphs it is a
     GraphedStep, whose batch_size is the only batch size it takes."""
     cfg = run.cfg
     # The step does not care which kernels the model runs: with --kernels fused, torch.compile traces the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .fuse_chain import bn_kind, bn_relu_conv1x1_call, conv1x1_ok, pattern_name
+from .patterns import bn_kind, bn_relu_conv1x1_call, conv1x1_ok, pattern_name
 
 __all__ = ["FusedSequential", "sequential_windows"]
 

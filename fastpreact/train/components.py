@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from .config import UsageError
+from .options import UsageError
 from .distributed import init_process_group
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -30,7 +30,7 @@ def setup_worker(cfg, local_rank, world_size):
 
 def load_data(cfg, device, rank, world_size, **sizes):
     """This rank's training and validation loaders (a DataBundle); sizes override --train-size/--val-size."""
-    from .data import build_data
+    from ..data import build_data
     sizes = {**{k: getattr(cfg, k) for k in ("train_size", "val_size") if getattr(cfg, k) is not None}, **sizes}
     return build_data(cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size // world_size,
                       device=device, rank=rank, world_size=world_size, seed=cfg.seed, loader=cfg.loader,
@@ -40,7 +40,7 @@ def load_data(cfg, device, rank, world_size, **sizes):
 
 def create_run_model(cfg, num_classes, device):
     """The model of cfg (arch, unit, kernels) on the device, channels-last unless --no-channels-last."""
-    from .models import create_model
+    from ..models import create_model
     try:
         model = create_model(cfg.arch, num_classes, unit=cfg.unit, kernels=cfg.kernels)
     except (ValueError, TypeError, NotImplementedError) as e:

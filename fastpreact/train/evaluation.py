@@ -7,9 +7,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_FORMAT
-from .config import UsageError, resolve_config
+from .options import UsageError, resolve_config
 from .distributed import destroy_process_group
-from .runsetup import autocast_for, create_run_model, load_data, setup_worker
+from .components import autocast_for, create_run_model, load_data, setup_worker
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """What each launch of a training step costs: op classes, the per-kernel cost formulas of the Triton
-kernels, the cost of aten ops, and the StepCost record. Used by fastpreact.step_cost (which counts a step
+kernels, the cost of aten ops, and the StepCost record. Used by fastpreact.cost.count (which counts a step
 and predicts its time); see that module for the op classes and what counts as a launch.
 """
 from __future__ import annotations

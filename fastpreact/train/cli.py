@@ -16,20 +16,20 @@
     python -m fastpreact.train cifar10 --data-dir data --eval-only runs/c10/final.pt
 
 Run files in --out: config.json, metrics.jsonl, checkpoints/ckpt-<step>.pt (the last 3), final.pt
-(the model's state_dict), curves.png. See fastpreact/runlog.py for the metrics format.
+(the model's state_dict), curves.png, tuning.json. See fastpreact/train/metrics.py for the metrics format.
 """
 # This module is the command: it parses the options and runs one worker, or launches --gpus workers.
-# The options and the paper's recipes live in config.py, one worker's run in trainer.py (its training
-# step in train_step.py), --eval-only in evaluation.py, and what both share in runsetup.py.
+# The options and the paper's recipes live in options.py, one worker's run in worker.py (its training
+# step in step.py), --eval-only in evaluation.py, and what both share in components.py.
 import os
 import sys
 
 from .checkpoint import CheckpointError
-from .config import RECIPES, UsageError, build_parser, default_out, lr_at, plan_schedule, resolve_config
-from .data import DataError
+from .options import RECIPES, UsageError, build_parser, default_out, lr_at, plan_schedule, resolve_config
+from ..data import DataError
 from .distributed import dist_env, launch_local_workers
 from .evaluation import evaluate_checkpoint
-from .trainer import train_worker
+from .worker import train_worker
 
 __all__ = ["main", "build_parser", "resolve_config", "plan_schedule", "lr_at", "RECIPES", "UsageError",
            "launch_local_workers"]
@@ -61,6 +61,3 @@ def main(argv=None):
             print(f"fastpreact.train: error: {msg}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
