@@ -226,7 +226,7 @@ def _running_args(running_mean, running_var, num_batches_tracked, momentum, incr
         flags=dict(UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt, INCREMENT_NBT=inc))
 
 
-def bn_finalize(mean, var, eps, count, poison=False, *, running_mean=None, running_var=None,
+def bn_finish(mean, var, eps, count, poison=False, *, running_mean=None, running_var=None,
                 num_batches_tracked=None, momentum=0.1, increment_nbt=False):
     """rstd = 1/sqrt(var + eps) fp32 [C], with the running-statistics update when running_mean is given
     (count = values per channel behind mean/var; num_batches_tracked already incremented, or incremented
@@ -242,7 +242,7 @@ def bn_finalize(mean, var, eps, count, poison=False, *, running_mean=None, runni
     return rstd
 
 
-def batch_stats_rows(x2d, poison=False, **bn):
+def batch_stats(x2d, poison=False, **bn):
     """(mean, biased var) fp32 [C] over the rows of x2d [M, C] (unit stride along C, any row stride), in
     one launch.
 
@@ -251,10 +251,10 @@ def batch_stats_rows(x2d, poison=False, **bn):
     (num_batches_tracked already incremented, or incremented in the same launch with increment_nbt=True)."""
     M, C = x2d.shape
     if x2d.stride(1) != 1 and C > 1:
-        raise ValueError("batch_stats_rows: x2d must have unit stride along channels; make the activation "
+        raise ValueError("batch_stats: x2d must have unit stride along channels; make the activation "
                          "channels-last contiguous first")
     if M == 0:
-        raise ValueError("batch_stats_rows: no rows (empty batch); statistics need at least one value")
+        raise ValueError("batch_stats: no rows (empty batch); statistics need at least one value")
     eps = bn.pop("eps", None)
     dev = x2d.device
     tile = tiles("batch_stats", card_of(dev))

@@ -67,12 +67,12 @@ def one_graph(fn, *args):
 @pytest.mark.parametrize("name", list(NETS))
 def test_fused_units_trace_without_graph_break(name):
     model, x = small_net(name)
-    ops = {"preact bottleneck": "bn_relu_conv1x1_dual", "original bottleneck": "bn_relu_conv1x1",
+    ops = {"preact bottleneck": "bn_relu_conv1x1", "original bottleneck": "bn_relu_conv1x1",
            "imagenet original bottleneck": "bn_relu_conv1x1", "imagenet preact bottleneck": "bn_relu_conv1x1"}
     for train in (True, False):
         model.train(train)
         graph = one_graph(model, x)
-        assert ("batch_norm_stats_update" in graph) == train
+        assert ("bn_stats" in graph) == train
         if name in ops:
             assert ops[name] in graph
         if "preact basic" in name:
@@ -86,11 +86,11 @@ def test_dual_op_traces_without_graph_break():
     bn = nn.BatchNorm2d(8)
 
     def dual(x, stride_b):
-        (y_a, (mean, var)), y_b = Fp.bn_relu_conv1x1_dual(
+        (y_a, (mean, var, _, _)), y_b = Fp.bn_relu_conv1x1_dual(
             x, w_a, w_b, **Fp.bn_args(bn), stride_a=1, stride_b=stride_b, output_stats_a=True)
         return y_a.sum() + y_b.sum() + mean.sum() + var.sum()
 
-    assert "bn_relu_conv1x1_dual" in one_graph(dual, x, 1)
+    assert one_graph(dual, x, 1)["bn_relu_conv1x1"] == 1
     assert one_graph(dual, x, 2)["bn_relu_conv1x1"] == 2
 
 
@@ -100,15 +100,15 @@ def test_bn_relu_ops_trace_without_graph_break():
     bn, conv, pool = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.MaxPool2d(3, 2, 1)
 
     def f(x):
-        mean, var = Fp.batch_stats(x)
+        mean, var, _, _ = Fp.batch_stats(x)
         return (Fp.bn_relu(x, bn).sum() + Fp.bn_relu_conv2d(x, bn, conv).sum()
                 + Fp.bn_relu_max_pool2d(x, bn, pool).sum() + mean.sum() + var.sum())
 
     graph = one_graph(f, x)
-    for op in ("batch_stats", "batch_norm_stats_update", "bn_relu", "bn_relu_backward"):
+    for op in ("batch_stats", "bn_stats", "bn_relu", "bn_relu_backward"):
         assert op in graph
     bn.eval()
-    assert "bn_finalize" in one_graph(f, x)
+    assert "bn_finish" in one_graph(f, x)
 
 
 def _fused(model):
@@ -197,30 +197,30 @@ def opcheck_cases():
     bias = torch.randn(12, requires_grad=True)
     dy = channels_last(torch.randn(2, 12, 5, 5))
     ops = torch.ops.fastpreact
-    no_bn = (None,) * 5  # no consuming BatchNorm to finish
+    no_bn = (None,) * 5  # no next BatchNorm to finish
     return [
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, True, True, *no_bn)),
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, False, False, *no_bn)),
-        (ops.bn_relu_conv1x1_dual, (xg, w, g, b, mean, rstd, 1, True, True, 4, *no_bn)),
-        # finishing the consuming BatchNorm: its running statistics and counter are mutated arguments
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, res, 2, True, True, torch.zeros(12), torch.ones(12),
-                               torch.tensor(3), 0.1, 1e-5)),
-        (ops.bn_relu_conv1x1_dual, (xg, w, g, b, mean, rstd, 1, True, True, 4, torch.zeros(4), torch.ones(4),
-                                    torch.tensor(3), None, 1e-5)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, 0, True, True, *no_bn)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 0, False, False, *no_bn)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 4, True, True, *no_bn)),
+        # finishing the next BatchNorm: its running statistics and counter are mutated arguments
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, res, 2, 0, True, True, torch.zeros(12),
+                               torch.ones(12), torch.tensor(3), 0.1, 1e-5)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 4, True, True, torch.zeros(4), torch.ones(4),
+                               torch.tensor(3), None, 1e-5)),
         (ops.bn_relu_conv1x1_backward, (dy, None, x, w.detach(), g.detach(), b.detach(), mean, rstd, 1, True,
-                                        True, True, True)),
+                                        True, True, True, None)),
         (ops.bn_relu_conv1x1_backward, (dy[:, :4].contiguous(memory_format=torch.channels_last),
                                         channels_last(dy[:, 4:]), x, w.detach(), g.detach(), b.detach(), mean,
-                                        rstd, 1, False, False, True, True)),
+                                        rstd, 1, False, False, True, True, None)),
         # the identity shortcut's gradient, added in the dx pass
         (ops.bn_relu_conv1x1_backward, (dy, None, x, w.detach(), g.detach(), b.detach(), mean, rstd, 1, True,
                                         True, False, True, channels_last(torch.randn(2, 8, 5, 5)))),
         (ops.batch_stats, (x,)),
-        (ops.batch_norm_stats, (x, 1e-5)),
-        (ops.batch_norm_stats_update, (x, torch.zeros(8), torch.ones(8), torch.tensor(3), None, 1e-5)),
-        (ops.batch_norm_stats_update, (x, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5)),
-        (ops.bn_finalize, (mean, var, 1e-5, 50)),
-        (ops.bn_finalize_update, (mean, var, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, 50)),
+        (ops.bn_stats, (x, None, None, None, 0.1, 1e-5, False)),
+        (ops.bn_stats, (x, torch.zeros(8), torch.ones(8), torch.tensor(3), None, 1e-5, True)),
+        (ops.bn_stats, (x, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, True)),
+        (ops.bn_finish, (mean, var, None, None, None, 0.1, 1e-5, 50, False)),
+        (ops.bn_finish, (mean, var, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, 50, True)),
         (ops.bn_relu, (x, g.detach(), b.detach(), mean, rstd)),
         (ops.bn_relu_backward, (channels_last(torch.randn(2, 8, 5, 5)), x, g.detach(), b.detach(), mean, rstd,
                                 True)),

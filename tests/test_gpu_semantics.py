@@ -97,7 +97,7 @@ def test_autotuning_restores_the_finished_batchnorm(monkeypatch):
     bn_in, bn_out = torch.nn.BatchNorm2d(24), torch.nn.BatchNorm2d(40)
     expect_bn = copy.deepcopy(bn_out)
     with autotuning(monkeypatch):
-        y, _ = Fp.bn_relu_conv1x1(x, w, output_stats=True, output_bn=bn_out, **Fp.bn_args(bn_in))
+        y, _ = Fp.bn_relu_conv1x1(x, w, output_stats=True, next_bn=bn_out, **Fp.bn_args(bn_in))
     expect_bn(y.detach().float())
     assert int(bn_out.num_batches_tracked) == 1
     torch.testing.assert_close(bn_out.running_mean, expect_bn.running_mean, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["backend", "use_triton", "KERNEL_DTYPES"]
+__all__ = ["backend", "use_triton", "eager", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,6 +33,22 @@ def use_triton(x: torch.Tensor) -> bool:
     """The rule every op follows: the kernels run x when its device has them (backend), its dtype is one
     they take and it is not empty; otherwise the op's PyTorch math runs."""
     return backend(x.device) == "triton" and x.dtype in KERNEL_DTYPES and x.numel() > 0
+
+
+def eager(x: torch.Tensor) -> bool:
+    """Whether an op may call its Triton implementation directly instead of through its torch.library
+    operator: a plain eager call (no torch.compile trace, no dispatch mode such as FakeTensorMode or the
+    cost model's recorder, not a fake tensor). The operator's Python dispatch costs tens of
+    microseconds of host time per call, as much as the kernel launches it wraps; the operators exist for
+    the traces, which take the other branch."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the dispatch-stack query
+        return False
+    return torch._C._len_torch_dispatch_stack() == 0 and not _is_fake(x)
+
+
+def _is_fake(x):
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(x)
 
 
 def poison() -> bool:

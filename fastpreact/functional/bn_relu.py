@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import autocast_dtype, autocast_off, from_rows, kernels, poison, rows, use_triton
-from .batchnorm import bn_statistics
+from .backends import autocast_dtype, autocast_off, eager, from_rows, kernels, poison, rows, use_triton
+from .batchnorm import bn_stats
 from .library import custom_op
+from .types import BNStats
 
 __all__ = ["bn_relu", "bn_relu_conv2d", "bn_relu_max_pool2d"]
 
@@ -40,13 +41,13 @@ def bn_relu_forward_impl(x, gamma, beta, mean, rstd):
     return from_rows(kernels("bn_relu").bn_relu_fwd(rows(x), gamma, beta, mean, rstd, poison=poison()), x.shape)
 
 
-def bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, use_batch_stats):
+def bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, batch):
     """The backward launches: dx of a = relu(bn(x)) given da, and the reduction's fp32 [3, C] sums
     (dbeta, sum dz * (x - mean), dgamma), finished in its launch."""
     k = kernels("bn_relu")
     x2d, da2d = rows(x), rows(da).contiguous()
     sums = k.bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=poison())
-    dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, use_batch_stats, poison=poison())
+    dx = k.bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch, poison=poison())
     return from_rows(dx, x.shape), sums
 
 
@@ -60,14 +61,14 @@ _bn_relu_op.register_fake(lambda x, *args: torch.empty_like(x, memory_format=tor
 
 @custom_op("bn_relu_backward")
 def _bn_relu_backward_op(da: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
-                         use_batch_stats: bool) -> Tuple[Tensor, Tensor]:
+                         batch: bool) -> Tuple[Tensor, Tensor]:
     """(dx, [dbeta; sum dz * (x - mean); dgamma] fp32 [3, C]): one tensor for the sums, which the
     reduction writes as rows of one buffer (an operator may not return aliasing tensors)."""
-    return bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, use_batch_stats)
+    return bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, batch)
 
 
 @_bn_relu_backward_op.register_fake
-def _(da, x, gamma, beta, mean, rstd, use_batch_stats):
+def _(da, x, gamma, beta, mean, rstd, batch):
     return (torch.empty_like(x, memory_format=torch.channels_last),
             x.new_empty((3, x.shape[1]), dtype=torch.float32))
 
@@ -75,16 +76,21 @@ def _(da, x, gamma, beta, mean, rstd, use_batch_stats):
 def _bn_relu_apply(x, gamma, beta, mean, rstd):
     """relu((x - mean) * scale + beta) in fp32 arithmetic, stored in x's dtype, channels-last."""
     if use_triton(x):
+        if eager(x):
+            return bn_relu_forward_impl(x, gamma, beta, mean, rstd)
         return torch.ops.fastpreact.bn_relu(x, gamma, beta, mean, rstd)
     scale = gamma.float() * rstd
     z = (x.float() - mean[None, :, None, None]) * scale[None, :, None, None] + beta.float()[None, :, None, None]
     return F.relu(z).to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats):
+def _bn_relu_backward(da, x, gamma, beta, mean, rstd, batch):
     """(dx, dgamma, dbeta) of a = relu(bn(x)) given da (see the module docstring)."""
     if use_triton(x):
-        dx, sums = torch.ops.fastpreact.bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats)
+        if eager(x):
+            dx, sums = bn_relu_backward_impl(da, x, gamma, beta, mean, rstd, batch)
+        else:
+            dx, sums = torch.ops.fastpreact.bn_relu_backward(da, x, gamma, beta, mean, rstd, batch)
         return dx, sums[2], sums[0]  # dgamma, dbeta: finished by the reduction
     count = x.numel() // x.shape[1]
     scale = gamma.float() * rstd
@@ -93,7 +99,7 @@ def _bn_relu_backward(da, x, gamma, beta, mean, rstd, use_batch_stats):
     dz = torch.where(z > 0, da.float(), 0.0)
     dbeta, dgamma = dz.sum((0, 2, 3)), (dz * xc).sum((0, 2, 3)) * rstd
     dx = scale[None, :, None, None] * dz
-    if use_batch_stats:
+    if batch:
         coef_b, coef_c = -scale * dbeta / count, -scale * rstd * dgamma / count
         dx = dx + coef_b[None, :, None, None] + xc * coef_c[None, :, None, None]
     return dx.to(x.dtype), dgamma, dbeta
@@ -103,15 +109,15 @@ class _BNReLU(torch.autograd.Function):
     """a = relu(bn(x)) with given statistics; saves x (not a) and recomputes the mask in backward."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, mean, rstd, use_batch_stats):
+    def forward(ctx, x, gamma, beta, mean, rstd, batch):
         ctx.save_for_backward(x, gamma, beta, mean, rstd)
-        ctx.use_batch_stats = use_batch_stats
+        ctx.batch = batch
         return _bn_relu_apply(x, gamma, beta, mean, rstd)
 
     @staticmethod
     def backward(ctx, da):
         x, gamma, beta, mean, rstd = ctx.saved_tensors
-        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
+        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.batch)
         return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None
 
 
@@ -119,13 +125,15 @@ class _BNReLUConv2d(torch.autograd.Function):
     """y = conv2d(relu(bn(x)), W): the pre-activation is recomputed in backward, never saved."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, padding, use_batch_stats):
+    def forward(ctx, x, weight, gamma, beta, stats: BNStats, stride_padding):
+        mean, rstd = stats.mean, stats.rstd
+        stride, padding = stride_padding
         a = _bn_relu_apply(x, gamma, beta, mean, rstd)
         w = weight.to(a.dtype)  # cast once: backward reuses it (as a stock conv under autocast saves it)
         with autocast_off(x.device):
             y = F.conv2d(a, w, None, stride, padding)
         ctx.save_for_backward(x, w, gamma, beta, mean, rstd)
-        ctx.stride, ctx.padding, ctx.use_batch_stats = stride, padding, use_batch_stats
+        ctx.stride, ctx.padding, ctx.batch = stride, padding, stats.batch
         ctx.weight_dtype = weight.dtype
         return y
 
@@ -138,9 +146,9 @@ class _BNReLUConv2d(torch.autograd.Function):
                 dy.to(a.dtype), a, w, None, [ctx.stride] * 2, [ctx.padding] * 2,
                 [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[1], False])
             del a
-            dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
+            dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.batch)
         return (dx, None if dw is None else dw.to(ctx.weight_dtype), dgamma.to(gamma.dtype),
-                dbeta.to(beta.dtype), None, None, None, None, None)
+                dbeta.to(beta.dtype), None, None)
 
 
 class _BNReLUMaxPool2d(torch.autograd.Function):
@@ -148,10 +156,11 @@ class _BNReLUMaxPool2d(torch.autograd.Function):
     pooling's argmax instead of keeping the pre-activation and the int64 indices."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, mean, rstd, kernel_size, stride, padding, use_batch_stats):
-        y = F.max_pool2d(_bn_relu_apply(x, gamma, beta, mean, rstd), kernel_size, stride, padding)
+    def forward(ctx, x, gamma, beta, stats: BNStats, pool):
+        mean, rstd = stats.mean, stats.rstd
+        y = F.max_pool2d(_bn_relu_apply(x, gamma, beta, mean, rstd), *pool)
         ctx.save_for_backward(x, gamma, beta, mean, rstd)
-        ctx.pool, ctx.use_batch_stats = (kernel_size, stride, padding), use_batch_stats
+        ctx.pool, ctx.batch = pool, stats.batch
         return y
 
     @staticmethod
@@ -163,8 +172,8 @@ class _BNReLUMaxPool2d(torch.autograd.Function):
         da = torch.ops.aten.max_pool2d_with_indices_backward(dy.to(a.dtype), a, [k, k], [s, s], [p, p],
                                                              [1, 1], False, indices)
         del a, indices
-        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.use_batch_stats)
-        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None, None, None, None
+        dx, dgamma, dbeta = _bn_relu_backward(da, x, gamma, beta, mean, rstd, ctx.batch)
+        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None
 
 
 def _affine(bn, x):
@@ -180,25 +189,24 @@ def _prepare(x):
 
 
 def bn_relu(x, bn: nn.BatchNorm2d, input_stats=None):
-    """relu(bn(x)) in one elementwise pass that saves only x; updates bn's running statistics."""
+    """relu(bn(x)) in one elementwise pass that saves only x; finishes bn in training."""
     x = _prepare(x)
-    mean, _, rstd, use_batch_stats = bn_statistics(bn, x, input_stats)
-    return _BNReLU.apply(x, *_affine(bn, x), mean, rstd, use_batch_stats)
+    s = bn_stats(bn, x, input_stats)
+    return _BNReLU.apply(x, *_affine(bn, x), s.mean, s.rstd, s.batch)
 
 
-def bn_relu_conv2d(x, bn: nn.BatchNorm2d, conv: nn.Conv2d, input_stats=None, stats=None):
+def bn_relu_conv2d(x, bn: nn.BatchNorm2d, conv: nn.Conv2d, input_stats=None, stats: BNStats | None = None):
     """conv(relu(bn(x))) saving only x (the conv's pre-BN input), for any square-kernel conv without
     bias, groups or dilation (the 3x3 convs of the ResNets).
 
-    stats: (mean, var, rstd, use_batch_stats) already taken by bn_statistics (a pre-activation shared
-    with another consumer updates the running statistics once); else they are taken here.
+    stats: the BNStats bn_stats already took (a pre-activation shared with another consumer finishes
+    its BatchNorm once); else they are taken here.
     """
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         raise ValueError(f"bn_relu_conv2d: conv must have no bias, groups or dilation, got {conv}")
     x = _prepare(x)
-    mean, _, rstd, use_batch_stats = stats if stats is not None else bn_statistics(bn, x, input_stats)
-    return _BNReLUConv2d.apply(x, conv.weight, *_affine(bn, x), mean, rstd, conv.stride[0], conv.padding[0],
-                               use_batch_stats)
+    s = stats if stats is not None else bn_stats(bn, x, input_stats)
+    return _BNReLUConv2d.apply(x, conv.weight, *_affine(bn, x), s, (conv.stride[0], conv.padding[0]))
 
 
 def bn_relu_max_pool2d(x, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, input_stats=None):
@@ -207,5 +215,5 @@ def bn_relu_max_pool2d(x, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, input_stats=No
     if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
         raise ValueError(f"bn_relu_max_pool2d: pool must have no dilation, ceil_mode or indices, got {pool}")
     x = _prepare(x)
-    mean, _, rstd, use_batch_stats = bn_statistics(bn, x, input_stats)
-    return _BNReLUMaxPool2d.apply(x, *_affine(bn, x), mean, rstd, k, s, p, use_batch_stats)
+    st = bn_stats(bn, x, input_stats)
+    return _BNReLUMaxPool2d.apply(x, *_affine(bn, x), st, (k, s, p))

@@ -1,13 +1,12 @@
 """BatchNorm2d -> ReLU -> 1x1 Conv2d as one op: its entry points, the PyTorch fallback's autograd
 Function, its argument checks, and what makes a Conv2d a 1x1 the op computes exactly. The Triton side
-(the PyTorch operators torch.ops.fastpreact.bn_relu_conv1x1, bn_relu_conv1x1_dual,
-bn_relu_conv1x1_backward and their autograd Function) is conv1x1_ops.
+(implementations, operators, the autograd Function) is conv1x1_ops.
 
 bn_relu_conv1x1 computes  y = relu(BN(x)) (*) W  [+ bias] [+ residual]  for a 1x1 convolution W, with
-BatchNorm in training mode (batch statistics, running-statistics update with nn.BatchNorm2d's exact
-semantics) or eval mode (running statistics). It saves only x, mean, rstd and W (and the BN affine
-parameters gamma, beta) for backward, through ctx.save_for_backward, never the BN or the ReLU output:
-backward recomputes relu((x - mean)*scale + beta).
+BatchNorm in training mode (batch stats, finished with nn.BatchNorm2d's exact semantics) or eval mode
+(running statistics). It saves only x, mean, rstd and W (and the BN affine parameters gamma, beta) for
+backward, through ctx.save_for_backward, never the BN or the ReLU output: backward recomputes
+relu((x - mean)*scale + beta).
 
 Math (per channel c, M = N*H*W rows, z = (x - mean)*scale + beta, a = relu(z), scale = gamma*rstd):
     forward   y = a[rows(stride)] @ W^T
@@ -15,8 +14,8 @@ Math (per channel c, M = N*H*W rows, z = (x - mean)*scale + beta, a = relu(z), s
               dbeta = sum(dz);  dgamma = sum(dz * xhat),  xhat = (x - mean) * rstd
               train: dx = scale * (dz - dbeta/M - xhat * dgamma/M)
               eval:  dx = scale * dz
-Batch statistics given through `input_stats` (from a producer's epilogue) are treated as constants of
-the producer: the consumer's dx above already carries the whole gradient through the mean and variance.
+Stats given through `input_stats` (from a producer's epilogue) are constants of the producer: the
+consumer's dx above already carries the whole gradient through the mean and variance.
 
 Backends: backends.use_triton decides per call (the kernels, or this module's PyTorch math, so every
 model works anywhere). Nothing here synchronises with the host (no .item(), no branch on tensor
@@ -24,48 +23,47 @@ values), so a training step that calls these ops can be captured in a CUDA graph
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backends import autocast_dtype, use_triton
-from .batchnorm import batch_norm_stats, batch_stats_torch, bn_args, bn_statistics, check_vec
-from .conv1x1_ops import ShortcutGrad, _BNReLUConv1x1Triton, out_shape as _out_shape  # noqa: F401
+from .batchnorm import _bn_stats, _torch_batch_stats, bn_args, bn_stats, check_vec
+from .conv1x1_ops import Conv1x1Call, ShortcutGrad, _BNReLUConv1x1Triton, out_shape
+from .types import BNFinish, BNStats
 
-__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_unfusable", "ShortcutGrad"]
+__all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "conv1x1_fusable", "Fusable", "ShortcutGrad"]
 
 OP = "bn_relu_conv1x1"
-_NO_FINISH = (None,) * 5  # the operators' finishing arguments when no BatchNorm is finished (see _output_bn)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The Triton implementation (forward and backward launches), and the operators around it
-# ---------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------
 # The torch fallback Function (same contract, reference math)
 # ---------------------------------------------------------------------------------------------------
 class _BNReLUConv1x1Torch(torch.autograd.Function):
-    """The fallback: the fused op's contract (what is saved, what is returned) in plain PyTorch."""
+    """The fallback: the fused op's contract (what is saved, what is returned) in plain PyTorch, one conv
+    (call.split is 0)."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, mean, rstd, stride, conv_bias, residual, use_batch_stats):
+    def forward(ctx, x, weight, gamma, beta, conv_bias, residual, stats: BNStats, call: Conv1x1Call):
+        mean, rstd = stats.mean, stats.rstd
         # Centred first, like the kernels: exact when |mean| >> std.
         xhat = (x.float() - mean[None, :, None, None]) * rstd[None, :, None, None]
         a = F.relu(xhat * gamma[None, :, None, None] + beta[None, :, None, None]).to(x.dtype)
-        y = F.conv2d(a, weight.to(x.dtype), None if conv_bias is None else conv_bias.to(x.dtype), stride=stride)
+        y = F.conv2d(a, weight.to(x.dtype), None if conv_bias is None else conv_bias.to(x.dtype),
+                     stride=call.stride)
         if residual is not None:
             y = y + residual
         ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
-        ctx.stride, ctx.use_batch_stats = stride, use_batch_stats
-        ctx.has_bias, ctx.has_residual = conv_bias is not None, residual is not None
+        ctx.call, ctx.has_bias, ctx.has_residual = call, conv_bias is not None, residual is not None
         return y.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, gamma, beta, mean, rstd = ctx.saved_tensors
-        s = ctx.stride
+        s = ctx.call.stride
         scale = gamma * rstd
         xhat = (x.float() - mean[None, :, None, None]) * rstd[None, :, None, None]
         z = xhat * gamma[None, :, None, None] + beta[None, :, None, None]
@@ -78,7 +76,7 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
         dz = da * (z > 0)
         dbeta = dz.sum(dim=(0, 2, 3))
         dgamma = (dz * xhat).sum(dim=(0, 2, 3))
-        if ctx.use_batch_stats:
+        if ctx.call.batch:
             m = x.numel() // x.shape[1]
             dx = scale[None, :, None, None] * (dz - dbeta[None, :, None, None] / m
                                                - xhat * (dgamma / m)[None, :, None, None])
@@ -86,8 +84,7 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
             dx = scale[None, :, None, None] * dz
         dbias = dy.float().sum(dim=(0, 2, 3)) if ctx.has_bias else None
         dres = dy if ctx.has_residual else None
-        return (dx.to(x.dtype), dW, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), None, None, None,
-                dbias, dres, None)
+        return dx.to(x.dtype), dW, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), dbias, dres, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +103,7 @@ def _stride_int(stride, what="stride"):
 def _check_weight(name, w, c, device):
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"bn_relu_conv1x1: {name} must be a tensor, got {type(w).__name__}")
-    if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1):
+    if w.dim() != 4 or w.shape[2] != 1 or w.shape[3] != 1:
         raise ValueError(f"bn_relu_conv1x1: {name} must be a 1x1 conv weight [Cout, C, 1, 1], got shape "
                          f"{tuple(w.shape)}")
     if w.shape[1] != c:
@@ -152,166 +149,186 @@ def _prepare_residual(residual, x, expected_shape):
     return residual.contiguous(memory_format=torch.channels_last)
 
 
-def _bn_vectors(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
-                eps, input_stats):
-    """(gamma, beta, mean, rstd, use_batch_stats) fp32, updating the running statistics in training."""
+class _BN(NamedTuple):
+    """The input BatchNorm of a call, resolved: (gamma, beta) fp32 and the stats it normalises with."""
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    stats: BNStats
+
+
+def _input_bn(x, bn: dict, input_stats) -> _BN:
+    """gamma, beta fp32 and the BNStats of the input BatchNorm; finishes it in training."""
     c = x.shape[1]
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        check_vec(OP, name, t, c, x.device)
+    for name in ("bn_weight", "bn_bias"):
+        check_vec(OP, name, bn[name], c, x.device)
     # affine=False BatchNorm: gamma = 1, beta = 0 (constants, no gradient).
-    gamma = bn_weight if bn_weight is not None else torch.ones(c, device=x.device)
-    beta = bn_bias if bn_bias is not None else torch.zeros(c, device=x.device)
-    mean, _, rstd, use_batch_stats = batch_norm_stats(
-        x, running_mean, running_var, num_batches_tracked, training=training, momentum=momentum, eps=eps,
-        input_stats=input_stats, op=OP)
-    return gamma.float().contiguous(), beta.float().contiguous(), mean, rstd, use_batch_stats
+    gamma = bn["bn_weight"] if bn["bn_weight"] is not None else torch.ones(c, device=x.device)
+    beta = bn["bn_bias"] if bn["bn_bias"] is not None else torch.zeros(c, device=x.device)
+    finish = BNFinish(bn["running_mean"], bn["running_var"], bn["num_batches_tracked"], bn["momentum"], bn["eps"])
+    stats = _bn_stats(x, finish, training=bn["training"], input_stats=input_stats, op=OP)
+    return _BN(gamma.float().contiguous(), beta.float().contiguous(), stats)
 
 
-def _output_bn(bn, y_shape, channels, output_stats, name="output_bn"):
-    """The operators' finishing arguments for `bn`, the BatchNorm consuming y in training: (running_mean,
-    running_var, num_batches_tracked, momentum, eps); None: no BN, or one that normalises y with its
-    running statistics, which bn_statistics then takes."""
+def _next_bn(bn, y_shape, channels, output_stats, name="next_bn"):
+    """The BNFinish of `bn`, the BatchNorm consuming y in training, for the kernel to finish it; None: no
+    BatchNorm, or one that normalises y with its running statistics (then bn_stats takes them)."""
     if bn is None:
         return None
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != channels:
         raise ValueError(f"bn_relu_conv1x1: {name} must be the BatchNorm2d({channels}) that consumes the "
                          f"output, got {bn!r}")
     if not output_stats:
-        raise ValueError(f"bn_relu_conv1x1: {name} needs output_stats=True (the statistics it finishes)")
-    args = bn_args(bn)
-    if not args["training"]:
+        raise ValueError(f"bn_relu_conv1x1: {name} needs output_stats=True (the stats it finishes)")
+    if not bn_args(bn)["training"]:
         return None
     if y_shape[0] * y_shape[2] * y_shape[3] <= 1:
         raise ValueError(f"{type(bn).__name__}: training needs more than 1 value per channel (x has shape "
                          f"{tuple(y_shape)}); use a larger batch or eval mode")
-    return (args["running_mean"], args["running_var"], args["num_batches_tracked"], bn.momentum, float(bn.eps))
+    return BNFinish.of(bn)
 
 
-def _taken(bn, y, stats, finished):
-    """(mean, var, rstd, use_batch_stats) of `bn` normalising y: finished by the kernel, or bn_statistics."""
-    if finished is not None:
-        return (*stats, True)
-    return bn_statistics(bn, y, input_stats=stats)
+def _output_stats(next_bn, y, stats: BNStats | None) -> BNStats:
+    """The stats handed to the next op: finished by the kernel (next_bn in training), else next_bn's own
+    stats of y (eval: its running ones), else the output's batch stats."""
+    if stats is not None and stats.finished:
+        return stats
+    if next_bn is not None:
+        return bn_stats(next_bn, y, input_stats=stats)
+    return stats
 
 
+def _bn_keywords(bn_weight, bn_bias, running_mean, running_var, kw):
+    return dict(bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                num_batches_tracked=kw["num_batches_tracked"], training=kw["training"], momentum=kw["momentum"],
+                eps=kw["eps"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The entry points
+# ---------------------------------------------------------------------------------------------------
 def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, running_var=None, *,
                     num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5, stride=1,
                     conv_bias=None, residual=None, input_stats=None, output_stats=False, shortcut_grad=None,
-                    output_bn=None):
+                    next_bn=None):
     """relu(BatchNorm2d(x)) followed by a 1x1 Conv2d (stride 1 or 2), optionally + residual.
 
     x: [N, C, H, W], channels-last preferred (any other layout is converted once).
     conv_weight: [Cout, C, 1, 1]; bn_weight, bn_bias: [C] (fp32 parameters; None = affine=False).
     running_mean, running_var, num_batches_tracked: updated in place in training mode, as nn.BatchNorm2d.
-    input_stats: optional (mean, biased var) fp32 [C] of x from a producer; skips the statistics pass.
-    output_stats: also return (mean, biased var) fp32 [Cout] of y as stored (the next BN's statistics).
+    input_stats: x's BNStats (or a (mean, biased var) pair) from its producer; skips the statistics pass.
+    output_stats: also return the BNStats of y as stored (the next BatchNorm's).
     shortcut_grad: a ShortcutGrad shared with the unit's other fused 1x1 call (see ShortcutGrad), so that
     x's identity-shortcut gradient is added in the dx pass.
-    output_bn (with output_stats): the BatchNorm2d that consumes y; it is finished from y's statistics in
-    the same launch (rstd, its running-statistics update, num_batches_tracked), and the statistics
-    returned are bn_statistics(output_bn, y, input_stats=(mean, var)): (mean, var, rstd, use_batch_stats),
-    which output_bn's op then takes as its input_stats (nothing is computed or updated a second time).
+    next_bn (with output_stats): the BatchNorm2d that consumes y; in training it is finished from y's
+    stats in the same launch (rstd, running statistics, num_batches_tracked), and the BNStats returned
+    are those it normalises with, which its op then takes as input_stats (nothing is done twice).
     Under torch.autocast, x (and residual) are cast to the autocast dtype and y is in it.
-    Returns y (channels-last), or (y, (mean, var)) when output_stats ((y, (mean, var, rstd,
-    use_batch_stats)) with output_bn).
+    Returns y (channels-last), or (y, BNStats) with output_stats.
     """
     stride = _stride_int(stride)
     x = _prepare_x(x)
     _check_weight("conv_weight", conv_weight, x.shape[1], x.device)
     cout = conv_weight.shape[0]
     check_vec(OP, "conv_bias", conv_bias, cout, x.device)
-    residual = _prepare_residual(residual, x, _out_shape(x, cout, stride))
-    gamma, beta, mean, rstd, use_batch_stats = _bn_vectors(
-        x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-        input_stats)
+    y_shape = out_shape(x, cout, stride)
+    residual = _prepare_residual(residual, x, y_shape)
     if shortcut_grad is not None and not isinstance(shortcut_grad, ShortcutGrad):
         raise TypeError(f"bn_relu_conv1x1: shortcut_grad must be a ShortcutGrad or None, got "
                         f"{type(shortcut_grad).__name__}")
-    y_shape = _out_shape(x, cout, stride)
+    finish = _next_bn(next_bn, y_shape, cout, output_stats)
+    kw = dict(num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps)
+    bn = _input_bn(x, _bn_keywords(bn_weight, bn_bias, running_mean, running_var, kw), input_stats)
     if use_triton(x):
         if torch.compiler.is_compiling():
             shortcut_grad = None  # a graph returns the residual's gradient (see ShortcutGrad)
-        fin = _output_bn(output_bn, y_shape, cout, output_stats)
-        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, gamma, beta, mean, rstd, conv_bias, residual, stride,
-                                          use_batch_stats, bool(output_stats), 0, shortcut_grad,
-                                          *(fin or _NO_FINISH))
-        if output_bn is not None:
-            return outs[0], _taken(output_bn, outs[0], outs[1:] if fin else outs[1:3], fin)
-        return (outs[0], (outs[1], outs[2])) if output_stats else outs[0]
-    _output_bn(output_bn, y_shape, cout, output_stats)
-    y = _BNReLUConv1x1Torch.apply(x, conv_weight, gamma, beta, mean, rstd, stride, conv_bias, residual,
-                                  use_batch_stats)
-    if output_bn is not None:
-        return y, _taken(output_bn, y, tuple(t.detach() for t in batch_stats_torch(y)), None)
-    if output_stats:
-        return y, tuple(t.detach() for t in batch_stats_torch(y))
-    return y
+        call = Conv1x1Call(stride, 0, bn.stats.batch, bool(output_stats), finish, shortcut_grad)
+        outs = _BNReLUConv1x1Triton.apply(x, conv_weight, bn.gamma, bn.beta, conv_bias, residual, bn.stats, call)
+        y = outs[0]
+        stats = BNStats(outs[2], outs[3], outs[4] if finish is not None else None) if output_stats else None
+    else:
+        call = Conv1x1Call(stride, 0, bn.stats.batch)
+        y = _BNReLUConv1x1Torch.apply(x, conv_weight, bn.gamma, bn.beta, conv_bias, residual, bn.stats, call)
+        stats = BNStats(*(t.detach() for t in _torch_batch_stats(y))) if output_stats else None
+    if not output_stats:
+        return y
+    return y, _output_stats(next_bn, y, stats)
 
 
 def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, running_var=None, *,
                          num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5, stride_a=1,
-                         stride_b=1, input_stats=None, output_stats_a=False, output_bn_a=None):
+                         stride_b=1, input_stats=None, output_stats_a=False, next_bn_a=None):
     """One pre-activation relu(BN(x)) feeding two 1x1 convs: (y_a, y_b) = (a (*) w_a, a (*) w_b).
 
-    E.g. a pre-activation unit's first conv (w_a) and its projection shortcut (w_b). BN statistics are
-    computed and the running statistics updated ONCE. With stride_a == stride_b the two convs run as one
-    GEMM over the concatenated weights (two contiguous channels-last outputs); otherwise two launches.
-    Returns (y_a, y_b), or ((y_a, (mean_a, var_a)), y_b) when output_stats_a; with output_bn_a (the
-    BatchNorm2d consuming y_a, finished in the same launch as in bn_relu_conv1x1's output_bn),
-    ((y_a, (mean_a, var_a, rstd_a, use_batch_stats_a)), y_b).
+    E.g. a pre-activation unit's first conv (w_a) and its projection shortcut (w_b). The BatchNorm's
+    stats are taken and it is finished ONCE. With stride_a == stride_b the two convs run as one GEMM over
+    the concatenated weights (two contiguous channels-last outputs); otherwise two launches. Returns
+    (y_a, y_b), or ((y_a, BNStats of y_a), y_b) with output_stats_a; next_bn_a: the BatchNorm2d
+    consuming y_a, finished in the same launch as in bn_relu_conv1x1's next_bn.
     """
     stride_a = _stride_int(stride_a, "stride_a")
     stride_b = _stride_int(stride_b, "stride_b")
     x = _prepare_x(x)
     _check_weight("w_a", w_a, x.shape[1], x.device)
     _check_weight("w_b", w_b, x.shape[1], x.device)
-    gamma, beta, mean, rstd, use_batch_stats = _bn_vectors(
-        x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-        input_stats)
     ca = w_a.shape[0]
+    finish = _next_bn(next_bn_a, out_shape(x, ca, stride_a), ca, output_stats_a, "next_bn_a")
+    kw = dict(num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps)
+    bn = _input_bn(x, _bn_keywords(bn_weight, bn_bias, running_mean, running_var, kw), input_stats)
     stats_a = None
-    fin = _output_bn(output_bn_a, _out_shape(x, ca, stride_a), ca, output_stats_a, "output_bn_a")
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
-        outs = _BNReLUConv1x1Triton.apply(x, w_cat, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), ca, None, *(fin or _NO_FINISH))
+        call = Conv1x1Call(stride_a, ca, bn.stats.batch, bool(output_stats_a), finish)
+        outs = _BNReLUConv1x1Triton.apply(x, w_cat, bn.gamma, bn.beta, None, None, bn.stats, call)
         y_a, y_b = outs[0], outs[1]
         if output_stats_a:
-            stats_a = (outs[2][:ca], outs[3][:ca], *(outs[4:] if fin else ()))
+            stats_a = BNStats(outs[2][:ca], outs[3][:ca], outs[4] if finish is not None else None)
     elif use_triton(x):
-        outs = _BNReLUConv1x1Triton.apply(x, w_a, gamma, beta, mean, rstd, None, None, stride_a,
-                                          use_batch_stats, bool(output_stats_a), 0, None, *(fin or _NO_FINISH))
+        call_a = Conv1x1Call(stride_a, 0, bn.stats.batch, bool(output_stats_a), finish)
+        outs = _BNReLUConv1x1Triton.apply(x, w_a, bn.gamma, bn.beta, None, None, bn.stats, call_a)
         y_a = outs[0]
         if output_stats_a:
-            stats_a = tuple(outs[1:] if fin else outs[1:3])
-        y_b = _BNReLUConv1x1Triton.apply(x, w_b, gamma, beta, mean, rstd, None, None, stride_b,
-                                         use_batch_stats, False, 0, None, *_NO_FINISH)[0]
+            stats_a = BNStats(outs[2], outs[3], outs[4] if finish is not None else None)
+        y_b = _BNReLUConv1x1Triton.apply(x, w_b, bn.gamma, bn.beta, None, None, bn.stats,
+                                         Conv1x1Call(stride_b, 0, bn.stats.batch))[0]
     else:
-        y_a = _BNReLUConv1x1Torch.apply(x, w_a, gamma, beta, mean, rstd, stride_a, None, None, use_batch_stats)
-        y_b = _BNReLUConv1x1Torch.apply(x, w_b, gamma, beta, mean, rstd, stride_b, None, None, use_batch_stats)
+        y_a = _BNReLUConv1x1Torch.apply(x, w_a, bn.gamma, bn.beta, None, None, bn.stats,
+                                        Conv1x1Call(stride_a, 0, bn.stats.batch))
+        y_b = _BNReLUConv1x1Torch.apply(x, w_b, bn.gamma, bn.beta, None, None, bn.stats,
+                                        Conv1x1Call(stride_b, 0, bn.stats.batch))
         if output_stats_a:
-            stats_a = tuple(t.detach() for t in batch_stats_torch(y_a))
-        fin = None
-    if output_bn_a is not None:
-        stats_a = _taken(output_bn_a, y_a, stats_a[:2], fin) if fin is None else (*stats_a, True)
-    return ((y_a, stats_a), y_b) if output_stats_a else (y_a, y_b)
+            stats_a = BNStats(*(t.detach() for t in _torch_batch_stats(y_a)))
+    if not output_stats_a:
+        return y_a, y_b
+    return (y_a, _output_stats(next_bn_a, y_a, stats_a)), y_b
 
 
-def conv1x1_unfusable(conv) -> str | None:
-    """None when `conv` is a Conv2d that bn_relu_conv1x1 computes exactly (1x1, groups 1, no dilation,
-    no padding ("same" is none for a 1x1), stride 1 or 2, nn.Conv2d's own forward, a floating,
-    initialised weight); otherwise the reason it is not, as one phrase."""
+# ---------------------------------------------------------------------------------------------------
+# Which Conv2d the op computes exactly
+# ---------------------------------------------------------------------------------------------------
+class Fusable(NamedTuple):
+    """conv1x1_fusable's answer: true when the op computes the conv exactly, else the reason why not."""
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self):
+        return self.ok
+
+
+def conv1x1_fusable(conv) -> Fusable:
+    """Whether `conv` is a Conv2d that bn_relu_conv1x1 computes exactly (1x1, groups 1, no dilation, no
+    padding ("same" is none for a 1x1), stride 1 or 2, nn.Conv2d's own forward, a floating, initialised
+    weight); false with the reason, as one phrase, otherwise."""
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-        return f"not an nn.Conv2d with its stock forward (got {type(conv).__name__})"
+        return Fusable(False, f"not an nn.Conv2d with its stock forward (got {type(conv).__name__})")
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return "a lazy Conv2d whose weight is not initialised yet (before its first call)"
+        return Fusable(False, "a lazy Conv2d whose weight is not initialised yet (before its first call)")
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.dilation != (1, 1):
-        return (f"not a 1x1 Conv2d with groups=1 and no dilation (kernel_size={conv.kernel_size}, "
-                f"groups={conv.groups}, dilation={conv.dilation})")
+        return Fusable(False, f"not a 1x1 Conv2d with groups=1 and no dilation (kernel_size={conv.kernel_size}, "
+                              f"groups={conv.groups}, dilation={conv.dilation})")
     if conv.padding not in ((0, 0), "valid", "same"):
-        return f"a 1x1 Conv2d with padding {conv.padding} (the fused op takes no padding)"
+        return Fusable(False, f"a 1x1 Conv2d with padding {conv.padding} (the fused op takes no padding)")
     if conv.stride not in ((1, 1), (2, 2)):
-        return f"a 1x1 Conv2d with stride {conv.stride} (the fused op takes stride 1 or 2)"
+        return Fusable(False, f"a 1x1 Conv2d with stride {conv.stride} (the fused op takes stride 1 or 2)")
     if not conv.weight.dtype.is_floating_point:
-        return f"a Conv2d with a {conv.weight.dtype} weight (not floating point)"
-    return None
+        return Fusable(False, f"a Conv2d with a {conv.weight.dtype} weight (not floating point)")
+    return Fusable(True)

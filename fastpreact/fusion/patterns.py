@@ -32,8 +32,8 @@ RUNS_FUSED_OP = (BNReLUConv1x1, BNReLUConv1x1Dual, FusedBatchNormReLU2d, FusedSt
 # The 1x1 convs the fused op computes exactly
 # ----------------------------------------------------------------------------------------------------
 def conv1x1_ok(m) -> bool:
-    """A Conv2d the fused op computes exactly (the op's own rule: fastpreact.functional.conv1x1_unfusable)."""
-    return Fp.conv1x1_unfusable(m) is None
+    """A Conv2d the fused op computes exactly (the op's own rule: fastpreact.functional.conv1x1_fusable)."""
+    return bool(Fp.conv1x1_fusable(m))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def _dual_with_conv_bias(x, bn, conv_a, conv_b):
     """
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # statistics of x as the op will see it
-    stats = Fp.bn_statistics(bn, x.contiguous(memory_format=torch.channels_last))  # updates running stats once
+    stats = Fp.bn_stats(bn, x.contiguous(memory_format=torch.channels_last))  # finishes the BatchNorm once
     shared = Fp.bn_args(bn, shared_stats=stats)
     return tuple(Fp.bn_relu_conv1x1(x, conv.weight, **shared, stride=conv.stride[0], conv_bias=conv.bias)
                  for conv in (conv_a, conv_b))

@@ -8,7 +8,7 @@ Pre-act bottleneck, training (the hot path of ResNet-164/1001/200):
 
     (h1, stats2), shortcut = bn_relu_conv1x1_dual(x; norm1; conv1, downsample; input_stats=stats1)
                              [or bn_relu_conv1x1 when the shortcut is the identity]; the same launch
-                             finishes norm2 from stats2 (rstd, running statistics: output_bn)
+                             finishes norm2 from stats2 (rstd, running statistics: next_bn)
     h2 = conv2(relu(norm2(h1)))   one Triton BN-ReLU pass feeding cuDNN's 3x3, recomputed in backward
     y, stats_out = bn_relu_conv1x1(h2; norm3; conv3; residual=shortcut), BN3's statistics from one
                    batch_stats launch (cuDNN's 3x3 cannot emit them)
@@ -42,7 +42,7 @@ class FusedPreActBottleneck(PreActBottleneck):
     def forward_with_stats(self, x, stats=None, next_bn=None):
         """(unit output, its batch statistics or None); `stats`: x's batch statistics, or None; next_bn:
         the BatchNorm consuming the output, finished in conv3's launch (then the statistics returned are
-        the (mean, var, rstd, use_batch_stats) it normalises with)."""
+        the BNStats it normalises with)."""
         emit = self.training  # statistics are only worth emitting for a consumer in training mode
         link, norm2 = None, self.norm2 if self.training else None  # norm2 is finished by conv1's launch
         if self.norm1 is not None:
@@ -51,12 +51,12 @@ class FusedPreActBottleneck(PreActBottleneck):
                 out = Fp.bn_relu_conv1x1_dual(
                     x, self.conv1.weight, self.downsample.weight, stride_a=self.conv1.stride[0],
                     stride_b=self.downsample.stride[0], input_stats=stats, output_stats_a=emit,
-                    output_bn_a=norm2, **Fp.bn_args(n1))
+                    next_bn_a=norm2, **Fp.bn_args(n1))
                 (h1, taken2), shortcut = out if emit else ((out[0], None), out[1])
             else:  # identity shortcut: conv1's dx pass adds its gradient (sent by conv3's backward)
                 link = Fp.ShortcutGrad()
                 out = Fp.bn_relu_conv1x1(x, self.conv1.weight, stride=self.conv1.stride[0], input_stats=stats,
-                                         output_stats=emit, output_bn=norm2, shortcut_grad=link,
+                                         output_stats=emit, next_bn=norm2, shortcut_grad=link,
                                          **Fp.bn_args(n1))
                 h1, taken2 = out if emit else (out, None)
                 shortcut = x
@@ -65,7 +65,7 @@ class FusedPreActBottleneck(PreActBottleneck):
             shortcut = self.downsample(x) if self.downsample is not None else x
         h2 = Fp.bn_relu_conv2d(h1, self.norm2, self.conv2, input_stats=taken2)
         out = Fp.bn_relu_conv1x1(h2, self.conv3.weight, residual=shortcut, output_stats=emit,
-                                 output_bn=next_bn if emit else None, shortcut_grad=link if shortcut is x else None,
+                                 next_bn=next_bn if emit else None, shortcut_grad=link if shortcut is x else None,
                                  **Fp.bn_args(self.norm3))
         return out if emit else (out, None)
 
@@ -79,7 +79,7 @@ class FusedPreActBasic(PreActBasic):
 
     def forward_with_stats(self, x, stats=None, next_bn=None):  # emits no statistics: next_bn unused
         if self.norm1 is not None:
-            taken = Fp.bn_statistics(self.norm1, x, stats)
+            taken = Fp.bn_stats(self.norm1, x, stats)
             h1 = Fp.bn_relu_conv2d(x, self.norm1, self.conv1, stats=taken)
             if self.downsample is not None:
                 shortcut = Fp.bn_relu_conv1x1(x, self.downsample.weight, stride=self.downsample.stride[0],

@@ -17,10 +17,10 @@ __all__ = ["BNReLUConv1x1", "BNReLUConv1x1Dual"]
 def _check_conv1x1(where, name, conv, bn):
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{where}: {name} must be nn.Conv2d, got {type(conv).__name__}")
-    why = Fp.conv1x1_unfusable(conv)
-    if why is not None:
+    verdict = Fp.conv1x1_fusable(conv)
+    if not verdict:
         raise ValueError(f"{where}: {name} must be a 1x1 Conv2d with groups=1, no padding or dilation and "
-                         f"stride 1 or 2; it is {why}: {conv}")
+                         f"stride 1 or 2; it is {verdict.reason}: {conv}")
     if conv.in_channels != bn.num_features:
         raise ValueError(f"{where}: bn has {bn.num_features} channels but {name} expects {conv.in_channels}")
 
