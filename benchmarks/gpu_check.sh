@@ -5,6 +5,7 @@
 #
 # Stages, in order, each under its own `timeout` and cut to the time left of the whole budget
 # (GPU_CHECK_BUDGET_S, default 450 s = 7.5 min), each writing into OUTDIR as soon as it runs:
+#   0. python -m fastpreact.check        kernels vs stock in fp32/fp16/bf16 (real tuner), then speed
 #   1. pytest -m gpu tests                every kernel compiled and checked on the GPU, bf16 included
 #   2. op suite, ResNet-200 shapes        fused vs stock, forward / backward / both
 #   3. train_step resnet200               stock, fused, torch.compile
@@ -13,7 +14,8 @@
 #                                         compile rows, units, fuse(), max_batch, loaders
 # Files in OUTDIR (at most 8, names of letters, digits, '.', '_' and '-'), STEM = <date>-<gpu slug>:
 #   STEM.json, STEM.md     results, rewritten after every benchmark (pytest benchmarks --benchmark)
-#   STEM-env.log           install, nvidia-smi, versions, the stage summary
+#   STEM-env.log           install, nvidia-smi, versions, the stage summary, the check's table
+#   STEM-check.json        the check's rows and verdict
 #   STEM-gpu-tests.log     stage 1;   STEM-bench.log: stages 2-5, appended as they run
 #   STEM-readme.md, STEM.png   README table and chart rendered from STEM.json at the end
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_<STAGE>_S for the stage caps,
@@ -100,6 +102,8 @@ BENCH=("$PY" -m pytest --benchmark -q -rs -p no:cacheprovider)
 OP=benchmarks/bench_bn_relu_conv1x1.py
 TRAIN=benchmarks/bench_train_step.py
 
+stage check "${GPU_CHECK_CHECK_S:-180}" "$ENVLOG" \
+  "$PY" -m fastpreact.check --json "$OUTDIR/$STEM-check.json"
 stage gpu-tests "${GPU_CHECK_TESTS_S:-150}" "$OUTDIR/$STEM-gpu-tests.log" \
   "$PY" -m pytest -m gpu tests -q -ra -p no:cacheprovider
 stage op-resnet200 "${GPU_CHECK_OP_S:-90}" "$BENCHLOG" \
