@@ -245,7 +245,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch):
+def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     malformed = tmp_path / "malformed" / "cifar-10-batches-py"
@@ -261,11 +261,11 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["cifar10", "--arch", "resnet8", "--data-dir", str(empty), "--out", str(tmp_path / "o2")], "neither"),
         (["cifar10", "--arch", "resnet8", "--data-dir", str(malformed.parent), "--out", str(tmp_path / "o3")],
          "corrupt"),
-        (["shapes10", "--batch-size", "0"], "must be positive"),
+        (["shapes10", "--batch-size", "0"], "--batch-size 0: must be a whole number > 0"),
         (["shapes10", "--resume", str(tmp_path / "missing.pt")], "no such file"),
         (["shapes10", "--eval-only", str(tmp_path / "missing.pt")], "no such file"),
         (["shapes10", "--iters", "10", "--epochs", "1"], "not both"),
-        (["shapes10", "--iters", "-3"], "must be positive"),
+        (["shapes10", "--iters", "-3"], "--iters -3: must be a whole number > 0"),
         (["shapes10", "--lr", "fast"], "invalid float"),
     ]
     if not torch.cuda.is_available():
@@ -281,19 +281,56 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch):
         lines = err.strip().splitlines()
         assert code == 2, (argv, err)
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, (argv, err)
-    # the global batch must split evenly over the workers (here: the torchrun environment of 3 workers)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    code, err = run_main(["shapes10", "--batch-size", "64"], capsys)
-    assert code == 2 and "not divisible by the world size 3" in err and len(err.strip().splitlines()) == 1
+    # the global batch must split evenly over the workers
+    with pytest.raises(options.UsageError, match="--batch-size 64 is not divisible by the world size 3"):
+        options.resolve_config({"dataset": "shapes10", "batch_size": 64}, world_size=3)
     # a corrupt checkpoint named explicitly is an error naming it
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
     bad = tmp_path / "ckpt-5.pt"
     bad.write_bytes(b"\x00" * 64)
     code, err = run_main(["shapes10", *TINY, "--resume", str(bad), "--out", str(tmp_path / "o4")], capsys)
     assert code == 2 and "ckpt-5.pt" in err and "unreadable" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--lr", "-1"], "--lr -1: must be a finite number > 0; give the peak lr (e.g. --lr 0.1), or leave --lr out "
+                     "for the recipe's, scaled to the batch"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0;"),
+    (["--lr", "inf"], "--lr inf: must be a finite number > 0;"),
+    (["--wd", "-1"], "--wd -1: must be a finite number >= 0; leave --wd out for the paper's 0.0001, or give 0"),
+    (["--label-smoothing", "1.5"], "--label-smoothing 1.5: must be a number in [0, 1); e.g. --label-smoothing 0.1, "
+                                   "or 0 for none"),
+    (["--momentum", "1"], "--momentum 1: must be a finite number in [0, 1); leave --momentum out for the paper's 0.9"),
+    (["--epochs", "inf"], "--epochs inf: must be a finite number > 0;"),
+    (["--warmup-iters", "-1"], "--warmup-iters -1: must be a whole number >= 0; give 0 for no warm-up"),
+    (["--eval-every", "0"], "--eval-every 0: must be a whole number > 0;"),
+    (["--workers", "-1"], "--workers -1: must be a whole number >= 0;"),
+    (["--seed", "-1"], "--seed -1: must be a whole number in [0, 2**32);"),
+    (["--train-size", "0"], "--train-size 0: must be a whole number > 0;"),
+    (["--gpus", "0"], "--gpus 0: must be a whole number >= 1;"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum > 0, and --momentum is 0; drop --nesterov or "
+                                        "raise --momentum"),
+])
+def test_every_number_is_checked_before_the_run_in_one_line(args, line, capsys):
+    """Each bad number is one line naming the option, the value and the fix, before any data or model
+    (before this check, --lr -1 and --wd -1 ended in a traceback from SGD, --label-smoothing 1.5 in one from
+    the loss, and --lr nan trained until the non-finite-loss stop)."""
+    code, err = run_main(["shapes10", "--arch", "resnet8", "--device", "cpu", *args], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"fastpreact.train: error: {line}"), err
+    assert set(options.NUMBER_RULES) >= {"lr", "wd", "momentum", "label_smoothing", "batch_size", "iters", "epochs",
+                                         "warmup_iters", "ckpt_every", "eval_every", "log_every", "workers", "seed",
+                                         "train_size", "val_size", "gpus", "max_restarts", "dist_timeout"}
+
+
+def test_the_plan_is_apart_from_the_options():
+    """plan_run returns what the data's length fixes and leaves the resolved options as they were."""
+    cfg = options.resolve_config({"dataset": "cifar10", "device": "cpu", "iters": 6400}, world_size=1)
+    before = dict(vars(cfg))
+    plan = options.plan_run(cfg, 390)
+    assert vars(cfg) == before and cfg.warmup_iters is None and cfg.eval_every is None
+    assert (plan.total_iters, plan.warmup_iters, plan.milestones, plan.eval_every) == (6400, 40, (3200, 4800), 4000)
+    imagenet = options.resolve_config({"dataset": "imagenet", "device": "cpu"}, world_size=1)
+    assert options.plan_run(imagenet, 5004).eval_every == 5004
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -267,10 +267,13 @@ def test_a_restarted_attempt_never_meets_the_previous_attempts_keys():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dist-timeout", "0"], "argument --dist-timeout: must be a number of seconds > 0 (default 600), got '0'"),
-    (["--dist-timeout", "soon"], "argument --dist-timeout: must be a number of seconds > 0 (default 600), got 'soon'"),
-    (["--dist-timeout", "nan"], "argument --dist-timeout: must be a number of seconds > 0 (default 600), got 'nan'"),
-    (["--max-restarts", "-1"], "argument --max-restarts: must be a whole number >= 0, got '-1'"),
+    (["--dist-timeout", "0"], "--dist-timeout 0: must be a finite number of seconds > 0; leave --dist-timeout out "
+                              "for 600 seconds"),
+    (["--dist-timeout", "soon"], "argument --dist-timeout: invalid float value: 'soon'"),
+    (["--dist-timeout", "nan"], "--dist-timeout nan: must be a finite number of seconds > 0;"),
+    (["--dist-timeout", "inf"], "--dist-timeout inf: must be a finite number of seconds > 0;"),
+    (["--max-restarts", "-1"], "--max-restarts -1: must be a whole number >= 0; give how many times to restart "
+                               "failed workers"),
     (["--max-restarts", "2"], "--max-restarts restarts the workers of --gpus N; under torchrun give torchrun "
                               "--max-restarts K"),
 ])

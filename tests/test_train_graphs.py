@@ -73,8 +73,7 @@ def test_whole_step_run_eagerly_is_bit_identical_to_the_eager_step(amp):
         assert_same_state(eager_run, graph_run)
         assert torch.isfinite(loss_b) == (step != 5)
     cfg = graph_run.cfg
-    assert lrs == [lr_at(s, lr=cfg.lr, total_iters=cfg.total_iters, warmup_iters=cfg.warmup_iters,
-                         milestones=cfg.milestones) for s in range(STEPS)]
+    assert lrs == [lr_at(s, **graph_run.plan.lr_schedule(cfg)) for s in range(STEPS)]
     # one tensor took every value: lr/10 (warm-up and from step 4), lr, lr/100
     assert sorted(set(lrs), reverse=True) == pytest.approx([cfg.lr, cfg.lr / 10, cfg.lr / 100])
     assert all(g["lr"] is whole.lr for g in graph_run.optimizer.param_groups)
@@ -100,7 +99,7 @@ def test_exact_resume_through_a_checkpoint_of_the_whole_step():
         getattr(resumed, k).load_state_dict(ckpt[k])
     step = GraphedStep(resumed, resumed.train_model, capture=False)
     assert float(step.lr) == lr_at(STEPS // 2, lr=resumed.cfg.lr, total_iters=STEPS, warmup_iters=2,
-                                   milestones=resumed.cfg.milestones)
+                                   milestones=resumed.plan.milestones)
     for images, labels in data[STEPS // 2:]:
         step(images, labels)
     assert_same_state(straight, resumed)

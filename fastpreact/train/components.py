@@ -1,5 +1,6 @@
-"""What a training run and an evaluation share, each built from a resolved config (config.resolve_config):
-the worker's device and process group, the data, the model and the autocast context."""
+"""What a training run and an evaluation share, each built from a resolved config (options.resolve_config):
+the worker's device and process group, the data (and the launcher's check of it), the model and the
+autocast context."""
 import contextlib
 import functools
 
@@ -36,6 +37,18 @@ def load_data(cfg, device, rank, world_size, **sizes):
                       device=device, rank=rank, world_size=world_size, seed=cfg.seed, loader=cfg.loader,
                       aug=cfg.aug, val_crop=cfg.val_crop, workers=cfg.workers, synthetic=cfg.synthetic,
                       download=cfg.download, dtype=AMP_DTYPES[cfg.amp] or torch.float32, **sizes)
+
+
+def check_data(cfg, world_size, loader_state=None, **sizes):
+    """What every worker's data would find wrong, found once by the launcher before any worker starts: rank
+    0's loaders are built on the CPU (the files, the sizes, a batch the shards cannot fill) and given the
+    resumed loader state (a mid-epoch position under another sharding), then dropped."""
+    import warnings
+    with warnings.catch_warnings():  # the notes on skipped files are the workers' to print
+        warnings.simplefilter("ignore")
+        data = load_data(cfg, torch.device("cpu"), 0, world_size, **sizes)
+    if loader_state is not None:
+        data.train.load_state_dict(loader_state)
 
 
 def create_run_model(cfg, num_classes, device):

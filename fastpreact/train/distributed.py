@@ -15,10 +15,18 @@ without failing (or a replacement node) counts differently from the others.
 Timeouts. Every collective and every store wait gives up after --dist-timeout seconds, so a dead peer
 becomes an error that torchrun can restart from instead of a hang; NCCL runs with asynchronous error
 handling, whose watchdog ends the process when a collective exceeds the timeout.
+
+Before the process group. A worker joins the attempt's store first (join_job): rank 0 shares what the run
+resumes from through it (from_rank0), and the process group's backend follows from the device that the
+checkpoint's options choose.
+
+Replicas. Every rank holds the same weights: DDP averages the gradients and broadcasts rank 0's buffers.
+replica_mismatches compares an exact checksum of every tensor over the ranks, so a rank that drifted
+(a bug, or a hardware fault) is found instead of being saved.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import sys
 import time
@@ -38,29 +46,6 @@ _ATTEMPT_KEY = "fastpreact/attempt"  # the token of the newest attempt, written 
 _RECHECK_S = 1.0                     # a rank that read a stale token reads the key again after this
 
 
-def parse_timeout(text):
-    """argparse type of --dist-timeout: seconds, a finite number > 0."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = None
-    if seconds is None or not seconds > 0 or seconds == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (default {DEFAULT_TIMEOUT_S:g}), "
-                                         f"got {text!r}")
-    return seconds
-
-
-def parse_restarts(text):
-    """argparse type of --max-restarts: an integer >= 0."""
-    try:
-        count = int(text)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return count
-
-
 def dist_env():
     """(rank, world_size, local_rank) from the torchrun/launcher environment, else one process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -68,21 +53,41 @@ def dist_env():
     return 0, 1, 0
 
 
+def join_job(timeout: float | None = None):
+    """This attempt's store (see attempt_store), joined once per process; its waits give up after `timeout`
+    seconds (default DEFAULT_TIMEOUT_S), as do the collectives of the process group built on it."""
+    if "store" not in _JOB:
+        seconds = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        rank, world_size, _ = dist_env()
+        _JOB.update(store=attempt_store(rank, world_size, seconds), timeout_s=seconds)
+    return _JOB["store"]
+
+
+def from_rank0(key, make):
+    """make() called on rank 0 only; its value (JSON) on every rank of the attempt, through the attempt's
+    store, so that it works before the process group exists."""
+    rank, _, _ = dist_env()
+    store = join_job()
+    if rank == 0:
+        value = make()
+        store.set(key, json.dumps(value))
+        return value
+    return json.loads(store.get(key))  # waits for rank 0, up to the store's timeout
+
+
 def init_process_group(device: torch.device, timeout: float | None = None):
-    """Join the job's process group: NCCL on CUDA devices, gloo on the CPU, under this attempt's own
-    store prefix, with collectives that fail after `timeout` seconds (default DEFAULT_TIMEOUT_S)."""
-    seconds = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    """Join the job's process group: NCCL on CUDA devices, gloo on the CPU, on this attempt's store (joined
+    now unless join_job came first), with collectives that fail after `timeout` seconds."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":  # torchrun sets it too; a user's own value wins
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     rank, world_size, _ = dist_env()
-    store = attempt_store(rank, world_size, seconds)
+    store = join_job(timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=seconds))
-    _JOB.update(store=store, timeout_s=seconds)
+                            timeout=timedelta(seconds=_JOB["timeout_s"]))
 
 
-_JOB: dict = {}  # store, timeout_s of this attempt's process group (init_process_group)
+_JOB: dict = {}  # store, timeout_s of this process's attempt (join_job)
 
 
 def job_store():
@@ -142,6 +147,39 @@ def destroy_process_group(barrier: bool = False):
     if barrier:
         dist.barrier()
     dist.destroy_process_group()
+    _JOB.clear()
+
+
+# ------------------------------------------------------------------------------------------ replicas
+def tensor_checksum(t: torch.Tensor) -> torch.Tensor:
+    """An exact checksum of a tensor's bits: the sum of its elements read as integers of their own width.
+    Integer sums do not depend on the order of reduction, so equal tensors give equal checksums on any
+    device, and a flipped bit changes it."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(ints).to(torch.int64).sum()  # int64 wraps alike everywhere
+
+
+def replica_mismatches(named_tensors: dict) -> list:
+    """[(name, [ranks])] of the tensors whose checksum on some rank differs from rank 0's (all ranks get
+    the same answer). One all_gather of one int64 per tensor."""
+    names = list(named_tensors)
+    if not names:
+        return []
+    mine = torch.stack([tensor_checksum(named_tensors[n]) for n in names])
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(table, mine)
+    return compare_checksums(names, torch.stack(table).cpu())
+
+
+def compare_checksums(names, table):
+    """[(name, [ranks])] where row r of `table` ([world, tensors]) differs from row 0."""
+    differs = table != table[0]
+    return [(n, differs[:, i].nonzero().flatten().tolist()) for i, n in enumerate(names) if differs[:, i].any()]
 
 
 def launch_local_workers(nproc, argv, entry, max_restarts=None):

@@ -38,18 +38,24 @@ def evaluate(model, val_loader, num_classes, autocast, distributed, device):
             "val_loss": loss_sum.item() / n, "images": n}
 
 
-def evaluate_checkpoint(opts, rank, world_size, local_rank):
-    """--eval-only PATH: print the top-1/top-5 error of a checkpoint or a final.pt on the validation set,
-    with the device, data and precision setup of a training run."""
+def prepare_evaluation(opts, world_size):
+    """(path, state_dict, cfg, data sizes) of --eval-only PATH: the options resolved once, the architecture
+    the weights were trained with unless given on the command line."""
     path = Path(opts["eval_only"])
     state, trained = read_weights(path)
-    # The architecture is the one the weights were trained with unless given on the command line.
     merged = {k: trained[k] for k in ("arch", "unit") if trained.get(k) is not None}
     merged.update({k: v for k, v in opts.items() if k not in ("resume", "eval_only")})
     cfg = resolve_config(merged, world_size)
-    device = setup_worker(cfg, local_rank, world_size)
     # Evaluation needs no training images: shapes10 draws one batch of them, not 50k.
     sizes = {"train_size": cfg.batch_size} if cfg.dataset == "shapes10" and cfg.train_size is None else {}
+    return path, state, cfg, sizes
+
+
+def evaluate_checkpoint(opts, rank, world_size, local_rank):
+    """--eval-only PATH: print the top-1/top-5 error of a checkpoint or a final.pt on the validation set,
+    with the device, data and precision setup of a training run."""
+    path, state, cfg, sizes = prepare_evaluation(opts, world_size)
+    device = setup_worker(cfg, local_rank, world_size)
     data = load_data(cfg, device, rank, world_size, **sizes)
     model = create_run_model(cfg, data.num_classes, device)
     try:

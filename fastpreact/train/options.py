@@ -1,5 +1,6 @@
-"""The trainer's options: the command-line parser, the paper's recipes, and resolve_config, which fills in
-every option the user left out from the recipe and the device.
+"""The trainer's options: the command-line parser (parse_options, which also checks every number given),
+the paper's recipes, resolve_config, which fills in every option the user left out from the recipe and the
+device, and plan_run, which completes the schedule once the data's length is known.
 
 Every option defaults to None in the parser: the real default depends on the data set, the device or the
 recipe, and None also tells which options the user gave (those are kept on --resume).
@@ -7,12 +8,13 @@ recipe, and None also tells which options the user gave (those are kept on --res
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data import DATASETS
-from .distributed import DEFAULT_TIMEOUT_S, parse_restarts, parse_timeout
+from .distributed import DEFAULT_TIMEOUT_S
 
 # The paper's recipes. The 32x32 sets (CIFAR, shapes10) count in iterations, ImageNet in epochs. lr is
 # for the recipe's batch and scales linearly with --batch-size; --iters/--epochs stretch the milestones
@@ -32,7 +34,8 @@ WEIGHT_DECAY = 1e-4     # the paper's SGD, applied to every parameter unless --n
 CKPT_EVERY = 1000       # iterations; plus every epoch end. A CIFAR epoch at batch 128 is 390 iterations
 LOG_EVERY = 20          # iterations between metrics.jsonl records (each costs one device sync)
 # Options that describe this process, not the run: never taken over from a checkpoint on resume.
-RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers", "dist_timeout", "max_restarts", "tuning")
+RUNTIME_OPTIONS = ("resume", "out", "eval_only", "gpus", "workers", "dist_timeout", "max_restarts", "tuning",
+                   "allow_new_world_size")
 
 
 class UsageError(Exception):
@@ -100,10 +103,13 @@ def _device_options(p):
     g.add_argument("--amp", choices=("bf16", "fp16", "off"), help="default bf16 on GPUs that have it, off on a CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on")
     g.add_argument("--gpus", type=int, help="start this many local workers, one per GPU (DDP)")
-    g.add_argument("--max-restarts", type=parse_restarts, metavar="K",
+    g.add_argument("--max-restarts", type=int, metavar="K",
                    help="with --gpus: start the workers again up to K times after a failure; they resume")
-    g.add_argument("--dist-timeout", type=parse_timeout, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                    help=f"a collective that waits longer fails (default {DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--allow-new-world-size", action="store_true", default=None,
+                   help="resume a checkpoint on another number of workers (each then takes another share of "
+                        "the global batch)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="BN statistics over all ranks")
     g.add_argument("--tuning", metavar="FILE", help="pin the fused kernels' tile choices from a tuning.json "
                    "(a run folder keeps its own, and a resume pins it)")
@@ -120,10 +126,56 @@ def _run_file_options(p):
     g.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint or final.pt and exit")
 
 
+# --------------------------------------------------------------------------------- command line
+def parse_options(argv, description=None):
+    """The options given on the command line (name -> value, only those given), every number checked."""
+    args = build_parser(description=description).parse_args(argv)
+    opts = {k: v for k, v in vars(args).items() if v is not None}
+    check_numbers(opts)
+    return opts
+
+
+# Every number the command line takes: what a valid value is, its test (on a finite value), and how to fix a
+# bad one. A checkpoint's options passed this check when its run began.
+NUMBER_RULES = {
+    "lr": ("a finite number > 0", lambda v: v > 0,
+           "give the peak lr (e.g. --lr 0.1), or leave --lr out for the recipe's, scaled to the batch"),
+    "wd": ("a finite number >= 0", lambda v: v >= 0, f"leave --wd out for the paper's {WEIGHT_DECAY:g}, or give 0"),
+    "momentum": ("a finite number in [0, 1)", lambda v: 0 <= v < 1,
+                 f"leave --momentum out for the paper's {MOMENTUM:g}"),
+    "label_smoothing": ("a number in [0, 1)", lambda v: 0 <= v < 1, "e.g. --label-smoothing 0.1, or 0 for none"),
+    "batch_size": ("a whole number > 0", lambda v: v > 0, "give the global batch, e.g. --batch-size 128"),
+    "iters": ("a whole number > 0", lambda v: v > 0, "give the run's length in iterations, or use --epochs"),
+    "epochs": ("a finite number > 0", lambda v: v > 0, "give the run's length in epochs, or use --iters"),
+    "warmup_iters": ("a whole number >= 0", lambda v: v >= 0, "give 0 for no warm-up"),
+    "ckpt_every": ("a whole number > 0", lambda v: v > 0, "give an interval in iterations"),
+    "eval_every": ("a whole number > 0", lambda v: v > 0, "give an interval in iterations"),
+    "log_every": ("a whole number > 0", lambda v: v > 0, "give an interval in iterations"),
+    "workers": ("a whole number >= 0", lambda v: v >= 0, "give 0 to load in the training process"),
+    "seed": ("a whole number in [0, 2**32)", lambda v: 0 <= v < 2 ** 32, "e.g. --seed 0"),
+    "train_size": ("a whole number > 0", lambda v: v > 0, "give a number of images, or leave it out for all"),
+    "val_size": ("a whole number > 0", lambda v: v > 0, "give a number of images, or leave it out for all"),
+    "gpus": ("a whole number >= 1", lambda v: v >= 1, "give the number of local GPUs, one worker each"),
+    "max_restarts": ("a whole number >= 0", lambda v: v >= 0, "give how many times to restart failed workers"),
+    "dist_timeout": ("a finite number of seconds > 0", lambda v: v > 0,
+                     f"leave --dist-timeout out for {DEFAULT_TIMEOUT_S:g} seconds"),
+}
+
+
+def check_numbers(opts):
+    """UsageError, one line naming the option, the value and the fix, for the first number out of range."""
+    for name, (valid, test, fix) in NUMBER_RULES.items():
+        value = opts.get(name)
+        if value is not None and not (math.isfinite(value) and test(value)):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise UsageError(f"--{name.replace('_', '-')} {shown}: must be {valid}; {fix}")
+
+
 # ------------------------------------------------------------------------------------ resolution
 def resolve_config(opts, world_size):
     """Fill in every option the user left out (dict of explicit options -> Namespace) from the recipe and
-    the device; raises UsageError for every inconsistent combination and for an unknown --arch."""
+    the device; raises UsageError for every inconsistent combination and for an unknown --arch. The numbers
+    themselves were checked by parse_options."""
     dataset = opts["dataset"]
     if dataset not in DATASETS:
         raise UsageError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -161,8 +213,6 @@ def _resolve_device(c):
         raise UsageError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); "
                          "use --device cpu")
     if c.gpus is not None:
-        if c.gpus < 1:
-            raise UsageError(f"--gpus must be at least 1, got {c.gpus}")
         if c.device != "cuda":
             raise UsageError("--gpus needs CUDA GPUs and none is in use; drop --gpus (for CPU workers use "
                              "torchrun --nproc-per-node N ... --device cpu)")
@@ -176,8 +226,6 @@ def _resolve_device(c):
 def _resolve_recipe(c, recipe):
     world_size = c.world_size
     c.batch_size = recipe["batch_size"] if c.batch_size is None else c.batch_size
-    if c.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {c.batch_size}")
     if c.batch_size % world_size:
         raise UsageError(f"--batch-size {c.batch_size} is not divisible by the world size {world_size} (the "
                          f"batch is global: each worker takes batch/{world_size}); pick a multiple of {world_size}")
@@ -187,8 +235,11 @@ def _resolve_recipe(c, recipe):
     c.label_smoothing = c.label_smoothing or 0.0
     c.schedule = c.schedule or "step"
     c.seed = c.seed or 0
-    for flag in ("compile", "cuda_graphs", "download", "synthetic", "nesterov", "no_bn_wd", "sync_bn"):
+    for flag in ("compile", "cuda_graphs", "download", "synthetic", "nesterov", "no_bn_wd", "sync_bn",
+                 "allow_new_world_size"):
         setattr(c, flag, bool(getattr(c, flag)))
+    if c.nesterov and c.momentum == 0:
+        raise UsageError("--nesterov needs a momentum > 0, and --momentum is 0; drop --nesterov or raise --momentum")
     c.channels_last = True if c.channels_last is None else c.channels_last
 
 
@@ -210,14 +261,9 @@ def _resolve_precision(c):
 
 
 def _resolve_run_lengths(c):
-    """Length, intervals and loader settings; the recipe's length is planned once the data is loaded."""
+    """Intervals and loader settings; the length itself is planned once the data is loaded (plan_run)."""
     if c.iters is not None and c.epochs is not None:
         raise UsageError("give --iters or --epochs, not both")
-    for name in ("iters", "epochs", "ckpt_every", "eval_every", "log_every", "workers"):
-        if getattr(c, name) is not None and getattr(c, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-    if c.warmup_iters is not None and c.warmup_iters < 0:
-        raise UsageError(f"--warmup-iters must be >= 0, got {c.warmup_iters}")
     c.ckpt_every = c.ckpt_every or CKPT_EVERY
     c.log_every = c.log_every or LOG_EVERY
     c.workers = 4 if c.workers is None else c.workers
@@ -265,11 +311,27 @@ def lr_at(step, *, lr, total_iters, warmup_iters=0, milestones=(), schedule="ste
     return lr * 0.1 ** sum(step >= m for m in milestones)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What the training data's length fixes (plan_run): the schedule in iterations and the evaluation
+    interval. Kept apart from the config, which holds the options only."""
+    iters_per_epoch: int
+    total_iters: int
+    warmup_iters: int
+    milestones: tuple
+    eval_every: int
+
+    def lr_schedule(self, cfg):
+        """The keyword arguments of lr_at for this plan and the config's lr and schedule."""
+        return dict(lr=cfg.lr, total_iters=self.total_iters, warmup_iters=self.warmup_iters,
+                    milestones=self.milestones, schedule=cfg.schedule)
+
+
 def plan_run(cfg, iters_per_epoch):
-    """Complete cfg once the training loader's length is known: total_iters, warmup_iters, milestones,
-    iters_per_epoch and the default eval_every."""
-    cfg.total_iters, warmup, milestones = plan_schedule(cfg.recipe, cfg.batch_size, iters_per_epoch,
-                                                        cfg.iters, cfg.epochs, cfg.warmup_iters)
-    cfg.warmup_iters, cfg.milestones, cfg.iters_per_epoch = warmup, list(milestones), iters_per_epoch
-    if cfg.eval_every is None:  # ImageNet: after every epoch; CIFAR: every 4000 iterations
-        cfg.eval_every = iters_per_epoch if cfg.recipe == "imagenet" else RECIPES["cifar"]["eval_every"]
+    """The RunPlan of cfg once the training loader's length (iterations per epoch) is known."""
+    total, warmup, milestones = plan_schedule(cfg.recipe, cfg.batch_size, iters_per_epoch, cfg.iters, cfg.epochs,
+                                              cfg.warmup_iters)
+    eval_every = cfg.eval_every
+    if eval_every is None:  # ImageNet: after every epoch; CIFAR: every 4000 iterations
+        eval_every = iters_per_epoch if cfg.recipe == "imagenet" else RECIPES["cifar"]["eval_every"]
+    return RunPlan(iters_per_epoch, total, warmup, tuple(milestones), eval_every)

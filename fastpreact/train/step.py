@@ -49,15 +49,23 @@ def make_train_step(run):
     return train_step
 
 
-def scale_to_hold(cfg):
-    """bf16 and fp32 hold the scaler at scale 1: it then only skips non-finite steps (see build_run)."""
+def held_scale(cfg):
+    """The scale the loss scaler is held at, or None for a dynamic one. fp16 needs loss scaling; bf16 and
+    fp32 hold the scaler at scale 1, where it only skips the steps whose gradients are not finite, as under
+    fp16, without a host sync on CUDA."""
     return None if cfg.amp == "fp16" else 1.0
+
+
+def make_scaler(cfg, device):
+    """The run's loss scaler: torch's dynamic scale from 2**16 (fp16), or one held at held_scale(cfg)."""
+    held = held_scale(cfg)
+    return torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if held is None else held)
 
 
 def whole_step(run, model):
     """forward, backward, the scaler's step of the optimizer and its update, as one function of the batch:
     what the CUDA graph captures. It neither clears the gradients nor steps the lr schedule."""
-    fixed_scale = scale_to_hold(run.cfg)
+    fixed_scale = held_scale(run.cfg)
 
     def step(images, labels):
         with run.autocast():

@@ -1,12 +1,12 @@
-"""One worker's training run: setup, the training step, the loop, checkpoints and evaluation.
+"""One worker's training run: set-up, the loop, checkpoints, evaluation and the end.
 
-train_worker reads as the run does: resolve the options, set up the device, decide what to resume from,
-build the run (data, model, optimizer), restore the checkpoint, open the run files, loop, finish. The
-steps share one RunState; the loop is flat, and every periodic action (log, evaluate, checkpoint) is
-one named function of the state.
+train_worker reads as the run does: decide what the run is (prepare.py: the run folder, the checkpoint it
+resumes from, the options resolved once), set up the device those options choose, build the run (data,
+model, optimizer), restore the checkpoint, open the run files, loop, finish. The steps share one RunState;
+the loop is flat, and every periodic action (log, evaluate, checkpoint) is one named function of the state.
 """
 import contextlib
-import os
+import dataclasses
 import platform
 import signal
 import socket
@@ -21,15 +21,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, list_checkpoints,
-                         load_checkpoint, newest_valid_checkpoint, remove_stale_tmp, rng_state,
-                         save_checkpoint, set_rng_state)
-from .options import RUNTIME_OPTIONS, UsageError, default_out, lr_at, plan_run, resolve_config
-from .distributed import destroy_process_group, job_store
+                         remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
+from .options import RunPlan, lr_at, plan_run
+from .prepare import prepare_run
+from .distributed import destroy_process_group, from_rank0, job_store, join_job, replica_mismatches
 from ..kernels import tuning
 from .evaluation import evaluate
 from .metrics import RunLog
 from .components import autocast_for, create_run_model, load_data, seed_everything, setup_worker
-from .step import make_train_step
+from .step import make_scaler, make_train_step
 
 MAX_NONFINITE = 20      # a loss non-finite this many steps in a row stops the run
 
@@ -38,7 +38,8 @@ MAX_NONFINITE = 20      # a loss non-finite this many steps in a row stops the r
 class RunState:
     """Everything one worker's run holds. The bare `model` is what evaluation and checkpoints see;
     `train_model` is what the training step calls (the model, or its DDP wrapper)."""
-    cfg: Any                  # the resolved config (config.resolve_config, completed by plan_run)
+    cfg: Any                  # the resolved config (options.resolve_config)
+    plan: RunPlan             # what the data's length fixes: the schedule in iterations, eval_every
     opts: dict                # the options given explicitly: saved in checkpoints, taken over on resume
     device: torch.device
     rank: int
@@ -67,25 +68,37 @@ class RunState:
     def is_main(self):
         return self.rank == 0
 
+    def summary(self):
+        """The resolved options and the plan: config.json and the checkpoints' "config"."""
+        return {**vars(self.cfg), **dataclasses.asdict(self.plan)}
+
+
+class ReplicasDiffer(RuntimeError):
+    """The ranks' weights differ (replica_mismatches): a bug or a hardware fault, not the user's input."""
+
 
 def train_worker(opts, rank, world_size, local_rank):
-    """Train as worker `rank` of world_size; returns the exit code (0 done, 1 the loss was not finite,
-    128+N stopped by signal N)."""
-    cfg = resolve_config(opts, world_size)
-    device = setup_worker(cfg, local_rank, world_size)
+    """Train as worker `rank` of world_size; returns the exit code (0 done, 1 the loss was not finite or
+    the ranks' weights differ, 128+N stopped by signal N)."""
     say = announcer(rank == 0)
-    opts, cfg, out, ckpt_path, ckpt = decide_resume(opts, cfg, rank, world_size, say)
-    run = build_run(opts, cfg, device, rank, world_size, out, say)
+    share = None
+    if world_size > 1:  # the store first: rank 0's resume decision comes through it, before any device
+        join_job(opts.get("dist_timeout"))
+        share = from_rank0
+    spec, ckpt = prepare_run(opts, world_size, say, share)
+    device = setup_worker(spec.cfg, local_rank, world_size)  # the device of the merged options
+    run = build_run(spec.opts, spec.cfg, device, rank, world_size, spec.out, say)
     if ckpt is not None:
         restore(run, ckpt)
         del ckpt  # the run holds its own copy of every tensor now
-    pin_tuning(cfg)
-    open_run_files(run, ckpt_path)
-    stop_reason, signum = train_loop(run)
-    exit_code = finish(run, stop_reason, signum)
-    dump_dir = os.environ.get("FASTPREACT_TEST_RANK_DUMP")  # test hook: each rank's final weights
-    if dump_dir:
-        torch.save(run.model.state_dict(), Path(dump_dir) / f"rank{rank}.pt")
+    pin_tuning(spec.cfg)
+    open_run_files(run, spec.ckpt_path)
+    try:
+        stop_reason, signum = train_loop(run)
+        exit_code = finish(run, stop_reason, signum)
+    except ReplicasDiffer as e:  # every rank raises it at the same point
+        run.say(f"fastpreact.train: stopped: {e}")
+        exit_code = 1
     if run.distributed:
         destroy_process_group(barrier=True)
     return exit_code
@@ -100,76 +113,11 @@ def announcer(is_main):
     return say
 
 
-# ------------------------------------------------------------------------------------------ resume
-def holds_run(out):
-    return out.is_dir() and any((out / n).exists() for n in ("config.json", "metrics.jsonl", "checkpoints",
-                                                            "final.pt"))
-
-
-def find_resume(opts, out, say):
-    """(out, checkpoint path or None, checkpoint or None) for the --resume/--out options (rank 0)."""
-    resume = opts.get("resume")
-    if resume is None:
-        if holds_run(out):
-            raise UsageError(f"{out} already holds a run; continue it with --resume auto, or choose a new --out")
-        return out, None, None
-    if resume == "auto":
-        path, ckpt = newest_valid_checkpoint(out / "checkpoints", warn=say)
-        if path is None:
-            say(f"--resume auto: no valid checkpoint in {out / 'checkpoints'}; starting fresh")
-        return out, path, ckpt
-    path = Path(resume)
-    if not path.exists():
-        raise UsageError(f"--resume {resume}: no such file or folder; pass a ckpt-<step>.pt, a run folder, or auto")
-    if path.is_dir():
-        run_dir = path
-        path, ckpt = newest_valid_checkpoint(path / "checkpoints", warn=say)
-        if path is None:
-            raise UsageError(f"--resume {resume}: no valid checkpoint in {run_dir / 'checkpoints'}")
-    else:
-        ckpt = load_checkpoint(path)
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return (out if "out" in opts else run_dir), path, ckpt
-
-
-def decide_resume(opts, cfg, rank, world_size, say):
-    """(opts, cfg, out, checkpoint path or None, checkpoint or None). Rank 0 decides where the run lives
-    and what it resumes from; every rank then loads the same file, and the checkpoint's options (under
-    the ones given now) define the run."""
-    decision, ckpt = [None], None  # broadcast_object_list fills a list in place
-    if rank == 0:
-        out = Path(opts["out"]) if "out" in opts else Path(default_out(cfg))
-        out, ckpt_path, ckpt = find_resume(opts, out, say)
-        decision = [(str(out), None if ckpt_path is None else str(ckpt_path))]
-    if world_size > 1:
-        dist.broadcast_object_list(decision, src=0)
-    out, ckpt_path = Path(decision[0][0]), decision[0][1]
-    if ckpt_path is None:
-        return opts, cfg, out, None, None
-    if rank != 0:
-        ckpt = load_checkpoint(ckpt_path)
-    if ckpt["config"]["dataset"] != cfg.dataset:
-        raise UsageError(f"{ckpt_path} is a {ckpt['config']['dataset']} run, not {cfg.dataset}")
-    opts = merge_options(ckpt["options"], opts)
-    cfg = resolve_config(opts, world_size)
-    say(f"resuming from {ckpt_path} (step {ckpt['step']})")
-    return opts, cfg, out, ckpt_path, ckpt
-
-
-def merge_options(saved, given):
-    """The checkpoint's options, overridden by those given now (e.g. a longer --iters); the options of
-    this process (RUNTIME_OPTIONS) come only from the command line."""
-    merged = {k: v for k, v in saved.items() if k not in RUNTIME_OPTIONS}
-    merged.update({k: v for k, v in given.items() if k not in RUNTIME_OPTIONS})
-    merged.update({k: given[k] for k in RUNTIME_OPTIONS if k in given})
-    return merged
-
-
 # ------------------------------------------------------------------------------------------- setup
 def build_run(opts, cfg, device, rank, world_size, out, say):
     """The run at step 0: data (which fixes the schedule's length), model, optimizer, lr schedule, scaler."""
     data = load_data(cfg, device, rank, world_size)
-    plan_run(cfg, len(data.train))
+    plan = plan_run(cfg, len(data.train))
     seed_everything(cfg.seed)
     model = create_run_model(cfg, data.num_classes, device)
     if cfg.sync_bn and world_size > 1:
@@ -179,15 +127,12 @@ def build_run(opts, cfg, device, rank, world_size, out, say):
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg, device)
-    schedule = dict(lr=cfg.lr, total_iters=cfg.total_iters, warmup_iters=cfg.warmup_iters,
-                    milestones=tuple(cfg.milestones), schedule=cfg.schedule)
+    schedule = plan.lr_schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, **schedule) / cfg.lr)
-    # fp16 needs loss scaling. bf16 and fp32 get a scaler held at scale 1 (see step.py): it only
-    # skips the steps whose gradients are not finite, as in fp16, without a host sync on CUDA.
-    scaler = torch.amp.GradScaler(device.type, init_scale=65536.0 if cfg.amp == "fp16" else 1.0)
-    return RunState(cfg=cfg, opts=opts, device=device, rank=rank, world_size=world_size, out=out, say=say,
-                    data=data, model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                    scaler=scaler, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+    return RunState(cfg=cfg, plan=plan, opts=opts, device=device, rank=rank, world_size=world_size, out=out,
+                    say=say, data=data, model=model, train_model=train_model, optimizer=optimizer,
+                    scheduler=scheduler, scaler=make_scaler(cfg, device),
+                    criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                     autocast=autocast_for(cfg, device))
 
 
@@ -241,12 +186,13 @@ def open_run_files(run, ckpt_path):
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out / "checkpoints")
     run.log = RunLog(out, resume_step=run.step if ckpt_path is not None else None)
-    atomic_write_json(out / "config.json", {**vars(cfg), "out": str(out), "resumed_from": ckpt_path,
+    atomic_write_json(out / "config.json", {**run.summary(), "out": str(out), "resumed_from": ckpt_path,
                                             "command": sys.argv, **environment(run.device, run.world_size)})
-    run.say(f"{cfg.arch} ({cfg.unit}, {cfg.kernels} kernels, amp {cfg.amp}) on {cfg.dataset}: {cfg.total_iters} "
+    plan = run.plan
+    run.say(f"{cfg.arch} ({cfg.unit}, {cfg.kernels} kernels, amp {cfg.amp}) on {cfg.dataset}: {plan.total_iters} "
             f"iterations at batch {cfg.batch_size} ({run.world_size} worker(s)), lr {cfg.lr:g} "
-            + (f"/10 at {cfg.milestones}" if cfg.schedule == "step" else "cosine")
-            + f", warm-up {cfg.warmup_iters}; run files in {out}")
+            + (f"/10 at {plan.milestones}" if cfg.schedule == "step" else "cosine")
+            + f", warm-up {plan.warmup_iters}; run files in {out}")
 
 
 def environment(device, world_size):
@@ -271,15 +217,15 @@ def _version():
 
 # -------------------------------------------------------------------------------------------- loop
 def train_loop(run):
-    """Train until cfg.total_iters, a stop signal or MAX_NONFINITE non-finite losses in a row; returns
+    """Train until plan.total_iters, a stop signal or MAX_NONFINITE non-finite losses in a row; returns
     (stop reason: None, "signal" or "nonfinite"; the signal's number)."""
-    cfg = run.cfg
+    cfg, plan = run.cfg, run.plan
     train_step = make_train_step(run)
     run.last_checkpoint_step = run.step
     run.model.train()
     stop_reason = None
     with StopSignals() as stop, Progress(run) as progress:
-        while run.step < cfg.total_iters and stop_reason is None:
+        while run.step < plan.total_iters and stop_reason is None:
             for images, labels in run.data.train:
                 if not fits_captured_step(run, train_step, images, labels):
                     continue
@@ -287,7 +233,7 @@ def train_loop(run):
                     loss = train_step(images, labels)
                 run.step += 1
                 progress.update(loss)
-                if run.step % cfg.log_every == 0 or run.step == cfg.total_iters:
+                if run.step % cfg.log_every == 0 or run.step == plan.total_iters:
                     worst_streak, signum = progress.log(stop.signum)  # the same on every rank
                     if worst_streak >= MAX_NONFINITE:
                         stop_reason = "nonfinite"
@@ -297,15 +243,15 @@ def train_loop(run):
                     stop_reason = "signal"
                 if stop_reason == "nonfinite":
                     break
-                eval_due = run.step % cfg.eval_every == 0
-                checkpoint_due = run.step % cfg.ckpt_every == 0 or run.step % cfg.iters_per_epoch == 0
-                if eval_due and run.step < cfg.total_iters:
+                eval_due = run.step % plan.eval_every == 0
+                checkpoint_due = run.step % cfg.ckpt_every == 0 or run.step % plan.iters_per_epoch == 0
+                if eval_due and run.step < plan.total_iters:
                     run_evaluation(run)
                 if checkpoint_due or stop_reason == "signal":
                     write_checkpoint(run)
                 if eval_due or checkpoint_due:
                     progress.restart_clock()  # throughput counts training time only
-                if run.step >= cfg.total_iters or stop_reason is not None:
+                if run.step >= plan.total_iters or stop_reason is not None:
                     break
     return stop_reason, stop.signum
 
@@ -313,7 +259,7 @@ def train_loop(run):
 def fits_captured_step(run, train_step, images, labels):
     """--cuda-graphs replays a step captured for one batch shape: a training batch of another (the
     ImageNet loader drops an undecodable file from its batch) is skipped, with one line saying so. The
-    loader moves past it and the step count does not, so the run still takes cfg.total_iters steps."""
+    loader moves past it and the step count does not, so the run still takes plan.total_iters steps."""
     fits = getattr(train_step, "fits", None)
     if fits is None or fits(images, labels):
         return True
@@ -352,7 +298,7 @@ class Progress:
     def __init__(self, run):
         from tqdm import tqdm
         self.run = run
-        self.bar = tqdm(total=run.cfg.total_iters, initial=run.step, disable=not run.is_main,
+        self.bar = tqdm(total=run.plan.total_iters, initial=run.step, disable=not run.is_main,
                         dynamic_ncols=True, unit="it", mininterval=0.5, file=sys.stderr)
         zero = dict(device=run.device, dtype=torch.int64)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # since the last log step
@@ -387,7 +333,7 @@ class Progress:
         now = time.perf_counter()
         img_per_s = (run.step - self.last_step) * run.cfg.batch_size / max(now - self.t_last, 1e-9)
         lr_now = float(run.optimizer.param_groups[0]["lr"])  # a device tensor under --cuda-graphs
-        epoch = round(run.step / run.cfg.iters_per_epoch, 4)
+        epoch = round(run.step / run.plan.iters_per_epoch, 4)
         if run.is_main:
             mean_loss = loss_total / n_finite if n_finite else None
             run.log.write({"kind": "train", "step": run.step, "epoch": epoch,
@@ -410,6 +356,7 @@ def write_checkpoint(run):
     """Write ckpt-<step>.pt (rank 0) unless the state is not finite (then the last good one stays)."""
     run.last_checkpoint, run.last_checkpoint_step = None, run.step
     average_bn_buffers(run.model, run.distributed)
+    check_replicas(run, f"ckpt-{run.step}.pt")  # first: ranks that differ may differ in finiteness too
     if not state_is_finite(run.model):
         run.say(f"warning: step {run.step}: model state is not finite; checkpoint skipped")
         return
@@ -419,7 +366,7 @@ def write_checkpoint(run):
              "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scaler": run.scaler.state_dict(), "scheduler": run.scheduler.state_dict(),
              "loader": run.data.train.state_dict(), "rng": rng_state(), "tuning": tuning.table(),
-             "options": dict(run.opts), "config": vars(run.cfg)}
+             "options": dict(run.opts), "config": run.summary()}
     run.last_checkpoint = save_checkpoint(state, run.out / "checkpoints", run.step)
     tuning.save(run.out / "tuning.json")
 
@@ -430,11 +377,11 @@ def run_evaluation(run):
     average_bn_buffers(run.model, run.distributed)
     result = evaluate(run.model, run.data.val, run.data.num_classes, run.autocast, run.distributed, run.device)
     if run.is_main:
-        step, cfg = run.step, run.cfg
-        run.log.write({"kind": "eval", "step": step, "epoch": round(step / cfg.iters_per_epoch, 4), **result,
+        step, plan = run.step, run.plan
+        run.log.write({"kind": "eval", "step": step, "epoch": round(step / plan.iters_per_epoch, 4), **result,
                        "time": round(run.log.elapsed_before + time.perf_counter() - run.t_start, 3)})
         run.log.plot()
-        run.say(f"step {step}/{cfg.total_iters} (epoch {step / cfg.iters_per_epoch:.2f}): top-1 error "
+        run.say(f"step {step}/{plan.total_iters} (epoch {step / plan.iters_per_epoch:.2f}): top-1 error "
                 f"{result['top1_err']:.2f}%, top-{min(5, run.data.num_classes)} error {result['top5_err']:.2f}%"
                 f" on {result['images']} images ({time.perf_counter() - t:.1f}s)")
 
@@ -452,18 +399,43 @@ def finish(run, stop_reason, signum):
     if stop_reason == "signal":
         where = (f"checkpoint {run.last_checkpoint}" if run.last_checkpoint
                  else "no checkpoint written (the state was not finite)")
+        workers = f" on {run.world_size} workers" if run.distributed else ""
         run.say(f"stopped by {signal.Signals(signum).name} at step {run.step}; {where}; "
-                f"continue with --out {run.out} --resume auto")
+                f"continue with --out {run.out} --resume auto{workers}")
         return 128 + signum
     run_evaluation(run)
     if run.last_checkpoint_step != run.step:
         write_checkpoint(run)
     average_bn_buffers(run.model, run.distributed)
+    checked = check_replicas(run, "final.pt")
     if run.is_main:
         atomic_torch_save(run.model.state_dict(), run.out / "final.pt")
         tuning.save(run.out / "tuning.json")
-        run.say(f"done: {run.step} iterations; final weights {run.out / 'final.pt'}")
+        agree = (f"the {run.world_size} workers' weights are identical (checksums of {checked} tensors); "
+                 if run.distributed else "")
+        run.say(f"done: {run.step} iterations; {agree}final weights {run.out / 'final.pt'}")
     return 0
+
+
+def check_replicas(run, what):
+    """Every rank must hold the same weights and buffers (DDP keeps them so, and average_bn_buffers just
+    made the BN statistics agree); another state on any rank is a bug or a hardware fault, and saving one
+    rank's copy would hide it. Raises ReplicasDiffer, naming `what` is not written; returns the number of
+    tensors compared. One pass over the weights and one small all_gather: cheap next to a checkpoint."""
+    if not run.distributed:
+        return 0
+    state = run.model.state_dict()
+    mismatches = replica_mismatches(state)
+    if not mismatches:
+        return len(state)
+    ranks = sorted({r for _, rs in mismatches for r in rs})
+    names = [n for n, _ in mismatches]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    last = list_checkpoints(run.out / "checkpoints") if run.is_main else []
+    raise ReplicasDiffer(
+        f"the workers' weights differ at step {run.step}: rank(s) {', '.join(map(str, ranks))} differ from rank 0 "
+        f"in {len(names)} of {len(state)} tensors ({shown}), which is a bug or a hardware fault; {what} not "
+        f"written; " + (f"the last checkpoint is {last[0][1]}" if last else "no checkpoint was written"))
 
 
 def average_bn_buffers(model, distributed):
