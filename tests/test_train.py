@@ -350,3 +350,22 @@ def test_gpu_training_paths(tmp_path, capsys, extra):
     model.load_state_dict(torch.load(out / "final.pt", map_location="cpu", weights_only=True))
     config = json.loads((out / "config.json").read_text())
     assert config["device"] == "cuda" and config["gpu_names"]
+
+
+def test_cuda_graphs_are_the_default_where_the_host_bounds_the_step(monkeypatch):
+    """On one GPU the 32x32 nets replay their step from a CUDA graph unless --no-cuda-graphs; ImageNet,
+    several workers and --compile run eagerly."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+
+    def graphs(dataset, world_size=1, **opts):
+        return options.resolve_config({"dataset": dataset, **opts}, world_size).cuda_graphs
+
+    assert graphs("cifar10") is True and graphs("shapes10") is True
+    assert graphs("cifar10", cuda_graphs=False) is False
+    assert graphs("cifar10", world_size=2) is False
+    assert graphs("cifar10", compile=True) is False
+    assert graphs("imagenet") is False and graphs("imagenet", cuda_graphs=True) is True
+    with pytest.raises(options.UsageError, match="runs on one GPU"):
+        graphs("cifar10", world_size=2, cuda_graphs=True)

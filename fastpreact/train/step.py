@@ -34,7 +34,9 @@ def make_train_step(run):
     model = torch.compile(run.train_model) if cfg.compile else run.train_model
     if cfg.cuda_graphs:
         scaling = "dynamic fp16 loss scale" if cfg.amp == "fp16" else "finite check"
-        run.say(f"--cuda-graphs: after {GRAPH_WARMUP_STEPS} eager steps one CUDA graph replays the whole step "
+        why = "" if "cuda_graphs" in run.opts else (" (the default for a 32x32 net on one GPU, whose eager step "
+                                                     "the host bounds; --no-cuda-graphs runs it eagerly)")
+        run.say(f"CUDA graph{why}: after {GRAPH_WARMUP_STEPS} eager steps one graph replays the whole step "
                 f"(forward, backward, {scaling}, fused SGD with the lr in a device tensor); every training batch "
                 f"must hold {cfg.batch_size} images")
         return GraphedStep(run, model)
