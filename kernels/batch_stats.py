@@ -30,7 +30,7 @@ import triton.language as tl
 from .cards import card_of
 from .configs import tiles
 from .tickets import tickets
-from .tuning import launch
+from .tuning import cdiv, launch
 
 
 @triton.jit
@@ -236,7 +236,7 @@ def bn_finish(mean, var, eps, count, poison=False, *, running_mean=None, running
     rstd = _alloc((C,), dev, poison)
     run = _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, rstd)
     block_c = tiles("batch_stats", card_of(dev))["MERGE_BLOCK_C"]
-    launch(_bn_finalize_kernel, (triton.cdiv(C, block_c),),
+    launch(_bn_finalize_kernel, (cdiv(C, block_c),),
            (mean, var, rstd, *run["ptrs"], tickets(dev, 1), C, float(eps), run["momentum"], count / max(count - 1, 1)),
            dev, BLOCK_C=block_c, **run["flags"], num_warps=4)
     return rstd
@@ -258,14 +258,14 @@ def batch_stats(x2d, poison=False, **bn):
     eps = bn.pop("eps", None)
     dev = x2d.device
     tile = tiles("batch_stats", card_of(dev))
-    num_blocks = triton.cdiv(M, tile["BLOCK_M"])
+    num_blocks = cdiv(M, tile["BLOCK_M"])
     part_mean = _alloc((num_blocks, C), dev, poison)
     part_m2 = _alloc((num_blocks, C), dev, poison)
     mean, var = _alloc((C,), dev, poison), _alloc((C,), dev, poison)
     rstd = _alloc((C,), dev, poison) if eps is not None else mean
     run = _running_args(bn.get("running_mean"), bn.get("running_var"), bn.get("num_batches_tracked"),
                         bn.get("momentum", 0.1), bn.get("increment_nbt", False), mean)
-    c_blocks = triton.cdiv(C, tile["BLOCK_C"])
+    c_blocks = cdiv(C, tile["BLOCK_C"])
     launch(_batch_stats_kernel, (num_blocks, c_blocks),
            (x2d, part_mean, part_m2, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
             0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1)),

@@ -34,7 +34,7 @@ from .batch_stats import _take_last_ticket
 from .cards import card_of
 from .configs import tiles
 from .tickets import tickets
-from .tuning import launch
+from .tuning import cdiv, launch
 
 # Tiles (kernels/configs.py, "bn_relu"): the interpreter runs each program (and each loop iteration) in
 # Python on numpy blocks, so a few large tiles beat many small ones there; on a GPU a [64 rows x 64
@@ -46,7 +46,7 @@ from .tuning import launch
 def _tile(device, C):
     """(tile dict, BLOCK_C) of the BN-ReLU kernels on `device` for C channels."""
     tile = tiles("bn_relu", card_of(device))
-    return tile, min(tile["BLOCK_C_MAX"], max(16, triton.next_power_of_2(C)))
+    return tile, min(tile["BLOCK_C_MAX"], max(16, 1 << (C - 1).bit_length()))
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def bn_relu_fwd(x2d, gamma, beta, mean, rstd, poison=False):
     if M == 0:
         return a
     tile, block_c = _tile(x2d.device, C)
-    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(C, block_c))
+    grid = (cdiv(M, tile["BLOCK_M"]), cdiv(C, block_c))
     launch(_bn_relu_fwd_kernel, grid, (x2d, a, gamma, beta, mean, rstd, M, C), x2d.device,
            BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
     return a
@@ -196,11 +196,11 @@ def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False):
     _check_rows("bn_relu_bwd_reduce", x2d, C)
     _check_rows("bn_relu_bwd_reduce", da2d, C)
     tile, block_c = _tile(x2d.device, C)
-    num_row_tiles = triton.cdiv(M, tile["BLOCK_M"])
+    num_row_tiles = cdiv(M, tile["BLOCK_M"])
     programs = max(1, min(tile["reduce_programs"], num_row_tiles))
     part = _empty_like(x2d.new_empty((2, programs, C), dtype=torch.float32), poison)
     sums = _empty_like(x2d.new_empty((3, C), dtype=torch.float32), poison)
-    grid = (programs, triton.cdiv(C, block_c))
+    grid = (programs, cdiv(C, block_c))
     launch(_bn_relu_bwd_reduce_kernel, grid,
            (da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(x2d.device, grid[1]), M, C, num_row_tiles),
            x2d.device, BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c, BLOCK_P=tile["BLOCK_P"])
@@ -216,7 +216,7 @@ def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison
     if M == 0:
         return dx
     tile, block_c = _tile(x2d.device, C)
-    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(C, block_c))
+    grid = (cdiv(M, tile["BLOCK_M"]), cdiv(C, block_c))
     launch(_bn_relu_bwd_dx_kernel, grid, (da2d, x2d, dx, gamma, beta, mean, rstd, sums, M, C), x2d.device,
            BATCH_STATS=bool(batch_stats), BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
     return dx

@@ -49,7 +49,8 @@ def _zeros(device, size):
 
 def tickets(device, count: int) -> torch.Tensor:
     """At least `count` int32 tickets at 0 for kernels launched on `device`'s current stream."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (device, _stream_of(device))

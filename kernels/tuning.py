@@ -35,7 +35,7 @@ import torch
 from . import configs
 from .cards import Card
 
-__all__ = ["launch", "TunedKernel", "table", "pin", "clear", "save", "read", "load", "coordinate", "benchmark"]
+__all__ = ["cdiv", "launch", "TunedKernel", "table", "pin", "clear", "save", "read", "load", "coordinate", "benchmark"]
 
 FORMAT = 1
 _TABLE: dict[str, dict[str, dict[str, str]]] = {}  # card -> kernel -> key -> config name
@@ -43,17 +43,26 @@ _KERNELS: list["TunedKernel"] = []
 _COORDINATOR: list = []  # [(store, rank, timeout)] while coordinate() is active
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grids and buffer sizes (triton.cdiv is a JIT function: calling it from Python
+    costs microseconds)."""
+    return -(-a // b)
+
+
 def _on_device(device: torch.device):
-    """The CUDA guard a launch on `device` needs: none when it is already the current device (the
-    common case costs one lookup), none off CUDA."""
+    """The CUDA guard a launch on `device` needs, or None: none when it is already the current device
+    (the common case costs one lookup), none off CUDA."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device.index)
-    return contextlib.nullcontext()
+    return None
 
 
 def launch(kernel, grid, args, device: torch.device, **kwargs):
     """kernel[grid](*args, **kwargs) with `device` current while it launches."""
-    with _on_device(device):
+    guard = _on_device(device)
+    if guard is None:
+        return kernel[grid](*args, **kwargs)
+    with guard:
         return kernel[grid](*args, **kwargs)
 
 

@@ -43,7 +43,10 @@ def eager(x: torch.Tensor) -> bool:
     the traces, which take the other branch."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the dispatch-stack query
         return False
-    return torch._C._len_torch_dispatch_stack() == 0 and not _is_fake(x)
+    return torch._C._len_torch_dispatch_stack() == 0 and (type(x) in _PLAIN or not _is_fake(x))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _is_fake(x):
@@ -59,8 +62,14 @@ def poison() -> bool:
 def kernels(name: str):
     """The kernel module fastpreact.kernels.<name>, imported on first use: `import fastpreact` must work
     where triton is absent (the torch backend)."""
-    import importlib
-    return importlib.import_module(f"fastpreact.kernels.{name}")
+    mod = _KERNEL_MODULES.get(name)
+    if mod is None:
+        import importlib
+        mod = _KERNEL_MODULES[name] = importlib.import_module(f"fastpreact.kernels.{name}")
+    return mod
+
+
+_KERNEL_MODULES: dict = {}
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -76,9 +85,9 @@ def from_rows(t2d: torch.Tensor, shape) -> torch.Tensor:
 
 def autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """x in the autocast dtype where autocast is on and x is a kernel dtype (as a conv computes), else x."""
-    if (x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
-            and x.dtype in KERNEL_DTYPES):
-        return x.to(torch.get_autocast_dtype(x.device.type))
+    kind = x.device.type
+    if (kind == "cuda" or kind == "cpu") and torch.is_autocast_enabled(kind) and x.dtype in KERNEL_DTYPES:
+        return x.to(torch.get_autocast_dtype(kind))
     return x
 
 

@@ -150,18 +150,21 @@ def bn_args(bn: nn.BatchNorm2d, training: bool | None = None, shared_stats: BNSt
     updated twice.
     """
     training = bn.training if training is None else bool(training)
-    args = dict(bn_weight=bn.weight, bn_bias=bn.bias, momentum=bn.momentum, eps=bn.eps)
+    # The parameter and buffer dicts directly: nn.Module.__getattr__ costs a microsecond a lookup, and
+    # every fused call asks for seven of them.
+    params, buffers = bn._parameters, bn._buffers
+    args = dict(bn_weight=params.get("weight"), bn_bias=params.get("bias"), momentum=bn.momentum, eps=bn.eps)
     if shared_stats is not None:
         if shared_stats.batch:
             return dict(args, running_mean=None, running_var=None, num_batches_tracked=None, training=True,
                         input_stats=BNStats(shared_stats.mean, shared_stats.var))
-        return dict(args, running_mean=bn.running_mean, running_var=bn.running_var, num_batches_tracked=None,
-                    training=False)
-    buffers = not training or bn.track_running_stats
-    return dict(args, running_mean=bn.running_mean if buffers else None,
-                running_var=bn.running_var if buffers else None,
-                num_batches_tracked=bn.num_batches_tracked if training and bn.track_running_stats else None,
-                training=training)
+        return dict(args, running_mean=buffers.get("running_mean"), running_var=buffers.get("running_var"),
+                    num_batches_tracked=None, training=False)
+    running = not training or bn.track_running_stats
+    return dict(args, running_mean=buffers.get("running_mean") if running else None,
+                running_var=buffers.get("running_var") if running else None,
+                num_batches_tracked=buffers.get("num_batches_tracked") if training and bn.track_running_stats
+                else None, training=training)
 
 
 def check_vec(op, name, t, c, device):
