@@ -156,10 +156,9 @@ def _merge_chunks(part_mean_ptr, part_m2_ptr, cols, col_ok, num_blocks, M, C, ro
 @triton.jit
 def _batch_stats_kernel(
     x_ptr,            # [M, C] row-major view of the channels-last activation (any float dtype)
-    part_mean_ptr,    # [num_m_blocks, C] fp32 scratch: per-tile mean
-    part_m2_ptr,      # [num_m_blocks, C] fp32 scratch: per-tile M2
+    part_ptr,         # [2, num_m_blocks, C] fp32 scratch: per-tile mean, then per-tile M2
     mean_ptr, var_ptr, rstd_ptr,  # [C] fp32 out (rstd when WRITE_RSTD)
-    running_mean_ptr, running_var_ptr, nbt_ptr,  # as in _merge_partial_stats_kernel
+    running_mean_ptr, running_var_ptr, nbt_ptr,  # [C], [C], [] updated in place (see _bn_finish)
     ticket_ptr,       # [num_c_blocks + 1] int32 tickets, all 0
     M, C, stride_xm,
     eps, momentum, unbias,
@@ -167,6 +166,8 @@ def _batch_stats_kernel(
     UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr, INCREMENT_NBT: tl.constexpr,
 ):
     pid_c = tl.program_id(1)
+    part_mean_ptr = part_ptr
+    part_m2_ptr = part_ptr + tl.num_programs(0) * C
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     _stats_tile(x_ptr, part_mean_ptr, part_m2_ptr, tl.program_id(0), cols, col_ok, M, C, stride_xm, BLOCK_M)
@@ -259,15 +260,14 @@ def batch_stats(x2d, poison=False, **bn):
     dev = x2d.device
     tile = tiles("batch_stats", card_of(dev))
     num_blocks = cdiv(M, tile["BLOCK_M"])
-    part_mean = _alloc((num_blocks, C), dev, poison)
-    part_m2 = _alloc((num_blocks, C), dev, poison)
+    part = _alloc((2, num_blocks, C), dev, poison)  # one allocation: the kernel finds the M2 half
     mean, var = _alloc((C,), dev, poison), _alloc((C,), dev, poison)
     rstd = _alloc((C,), dev, poison) if eps is not None else mean
     run = _running_args(bn.get("running_mean"), bn.get("running_var"), bn.get("num_batches_tracked"),
                         bn.get("momentum", 0.1), bn.get("increment_nbt", False), mean)
     c_blocks = cdiv(C, tile["BLOCK_C"])
     launch(_batch_stats_kernel, (num_blocks, c_blocks),
-           (x2d, part_mean, part_m2, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
+           (x2d, part, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
             0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1)),
            dev, BLOCK_M=tile["BLOCK_M"], BLOCK_C=tile["BLOCK_C"], BLOCK_P=tile["BLOCK_P"], WRITE_RSTD=eps is not None,
            **run["flags"], num_warps=tile["num_warps"])

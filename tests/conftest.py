@@ -24,7 +24,9 @@ import pytest  # noqa: E402
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN (FASTPREACT_POISON=1), so an element a kernel never writes fails
     the oracles (tests/oracle.py). Test modules of the kernels use it for every test (pytestmark)."""
-    monkeypatch.setenv("FASTPREACT_POISON", "1")
+    from fastpreact.functional import backends
+    monkeypatch.setenv("FASTPREACT_POISON", "1")  # for the subprocesses a test starts
+    monkeypatch.setattr(backends, "POISON", True)
 
 
 def pytest_collection_modifyitems(config, items):

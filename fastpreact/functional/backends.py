@@ -55,8 +55,13 @@ def _is_fake(x):
 
 
 def poison() -> bool:
-    """Tests set FASTPREACT_POISON=1: every kernel output then starts as NaN, so an unwritten element fails."""
-    return os.environ.get("FASTPREACT_POISON") == "1"
+    """Whether every kernel output starts as NaN, so that an element no program writes fails the tests:
+    FASTPREACT_POISON=1 when the module is imported, or POISON set (the tests' poison_outputs fixture).
+    A module flag: an os.environ lookup of a missing key costs microseconds, and every launch asks."""
+    return POISON
+
+
+POISON = os.environ.get("FASTPREACT_POISON") == "1"
 
 
 def kernels(name: str):

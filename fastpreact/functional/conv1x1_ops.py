@@ -177,10 +177,11 @@ def _(dy, dy2, x, weight, gamma, beta, mean, rstd, stride, batch, need_x, need_w
 
 
 def _forward(x, weight, gamma, beta, stats, call, conv_bias, residual):
-    """forward_impl directly (eager), or through the operator (traces): (y, y_b or empty, mean, var, rstd)."""
+    """forward_impl directly (eager), or through the operator (traces): (y, y_b, mean, var, rstd), each
+    output not computed None (eager) or an empty tensor (the operator's fixed outputs)."""
     if eager(x):
         y, y_b, out = forward_impl(x, weight, gamma, beta, stats, call, conv_bias, residual)
-        return _flat_outputs(y, y_b, out, stats.mean)
+        return (y, y_b, *(out[:3] if out is not None else (None, None, None)))
     nb = call.next_bn or BNFinish(None, None, None, None, None)
     return torch.ops.fastpreact.bn_relu_conv1x1(
         x, weight, gamma, beta, stats.mean, stats.rstd, conv_bias, residual, call.stride, call.split, call.batch,
@@ -235,9 +236,7 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
         ctx.save_for_backward(x, weight, gamma, beta, stats.mean, stats.rstd)
         ctx.call, ctx.has_residual = call, residual is not None
         ctx.bias_dtype = None if conv_bias is None else conv_bias.dtype
-        ctx.mark_non_differentiable(*outs[2:])
-        if not call.split:
-            ctx.mark_non_differentiable(outs[1])
+        ctx.mark_non_differentiable(*(t for t in outs[1 if not call.split else 2:] if t is not None))
         return outs
 
     @staticmethod
