@@ -14,10 +14,14 @@ Passes: forward (with autograd recording, as in training), backward (dx and the 
 gradients of a forward done in the untimed setup), both.
 
 FLOPs and bytes per call are counted analytically and are the same for every variant:
-  FLOPs: the GEMMs only, 2*Mo*Cin*Cout per GEMM (forward 1, backward 2: dgrad + wgrad), Mo = N*Ho*Wo.
-  bytes: the tensors the op cannot avoid touching, each once: forward reads x and W and writes y;
-         backward reads x, W and dy and writes dx and dW. So GB/s is effective bandwidth against the
-         op's minimum traffic (as in the Triton tutorials), not a hardware counter.
+  FLOPs: the useful GEMMs only, 2*Mo*Cin*Cout per GEMM (forward 1, backward 2: dgrad + wgrad),
+         Mo = N*Ho*Wo (the fused backward's two-pass path computes dz twice: 3 GEMMs, not counted).
+  bytes: the traffic of the fused kernels, each tensor once per pass: forward reads x and W and writes y;
+         backward (two passes, kernels/bn_relu_conv1x1/backward.py) reads x at the sampled rows and dy
+         in its first pass, dy and x again in its second, writes dx, reads W and writes dW:
+         e(Mo*Cin + 2*M*Cin + 2*Mo*Cout) + 2 Cin*Cout*e, M = N*H*W, i.e. e(3MK + 2MN + 2NK) at stride 1.
+         So GB/s is effective bandwidth against the fused path's own traffic (the stock path moves more),
+         not a hardware counter.
 """
 from __future__ import annotations
 
@@ -126,7 +130,7 @@ def flops_and_bytes(shape, pass_, elem_bytes):
     gemm = 2 * mo * cin * cout
     weights = cin * cout * elem_bytes
     fwd = (gemm, (m * cin + mo * cout) * elem_bytes + weights)
-    bwd = (2 * gemm, (2 * m * cin + mo * cout) * elem_bytes + 2 * weights)
+    bwd = (2 * gemm, (mo * cin + 2 * m * cin + 2 * mo * cout) * elem_bytes + 2 * weights)
     if pass_ == "forward":
         return fwd
     if pass_ == "backward":

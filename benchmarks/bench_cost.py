@@ -1,7 +1,7 @@
 """Where a training step's time goes: the step-cost MODEL (fastpreact.cost), at full size, on any
 machine, in seconds. Its rows are predictions, never measurements.
 
-For resnet200 (batch 64, 224 px) and resnet1001 / resnet164 (batch 128, 32 px), stock and fused, bf16
+For resnet200 / resnet50 (batch 64, 224 px) and resnet1001 / resnet164 (batch 128, 32 px), stock and fused, bf16
 autocast, channels-last: one training step (forward, backward, SGD with momentum through foreach ops)
 runs under FakeTensorMode with every Triton launch recorded instead of run. Per op class: launches (aten
 and Triton), GB read + written, GFLOP, and the roofline's predicted ms on an H100 and an H200 (GPU time
@@ -11,7 +11,8 @@ img/s, and fused / stock ratios. Where committed GPU results (benchmarks/results
 hold a measured eager train_step row of the same net, a "step_cost vs measured" row puts prediction and
 measurement side by side.
 
-    python benchmarks/bench_cost.py            # print the resnet200 table of the README ("Where the time goes")
+    python benchmarks/bench_cost.py            # the resnet200 table of the README ("Where the time goes"),
+                                               # then one fused / stock line per net
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ NAME = "step_cost (MODEL: predicted, not measured)"
 NAME_VS = "step_cost vs measured (MODEL / measurement)"
 CASES = {
     "resnet200": dict(batch=64, image=224, num_classes=1000),
+    "resnet50": dict(batch=64, image=224, num_classes=1000),
     "resnet1001": dict(batch=128, image=32, num_classes=10),
     "resnet164": dict(batch=128, image=32, num_classes=10),
 }
@@ -165,5 +167,19 @@ def readme_table(arch="resnet200"):
     return "\n".join(lines)
 
 
+def summary_lines():
+    """One line per net: launches, GB and predicted H100 ms, stock and fused, and fused / stock."""
+    lines = ["| net | launches stock / fused | GB stock / fused | H100 ms stock / fused | fused / stock: "
+             "launches, bytes, H100 step |", "|---|---|---|---|---|"]
+    for arch in CASES:
+        s, f = class_rows(arch, "stock")[-1], class_rows(arch, "fused")[-1]
+        lines.append(f"| {arch} | {s['launches']} / {f['launches']} | {s['gb']:.3g} / {f['gb']:.3g} | "
+                     f"{s['h100_ms']:.3g} / {f['h100_ms']:.3g} | {f['launches_vs_stock']}, {f['bytes_vs_stock']}, "
+                     f"{f['h100_vs_stock']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(readme_table())
+    print()
+    print(summary_lines())

@@ -24,8 +24,9 @@ REPEATS = 3
 # shapes than the default 32x32x16, so that the reduction orders and tails differ between candidates.
 EXTRA_INTERPRETER_CONFIGS = {
     "bn_relu_conv1x1_fwd": [(16, 32, 16, 4, 1), (32, 16, 32, 4, 1)],
-    "bn_relu_conv1x1_bwd_dw": [(16, 16, 32, 4, 1), (64, 16, 16, 4, 1)],
     "bn_relu_conv1x1_bwd_dz": [(16, 32, 16, 4, 1), (32, 16, 32, 4, 1)],
+    "bn_relu_conv1x1_bwd_reduce": [(16, 16, 32, 4, 1), (64, 16, 16, 4, 1)],
+    "bn_relu_conv1x1_bwd_dgrad": [(16, 32, 16, 4, 1), (32, 16, 32, 4, 1)],
 }
 
 
@@ -105,7 +106,7 @@ def launch_devices(monkeypatch):
     def guard(device):
         current.append(device)
         try:
-            with orig_guard(device):
+            with orig_guard(device) or contextlib.nullcontext():
                 yield
         finally:
             current.pop()

@@ -192,16 +192,15 @@ def test_triton_path_runs_under_interpreter(monkeypatch):
     from fastpreact.kernels import batch_stats as ks
     from fastpreact.kernels import bn_relu_conv1x1 as kc
     calls = {}
-    for mod, name in [(ks, "batch_stats_rows"), (kc, "bn_relu_conv1x1_fwd"), (kc, "bn_relu_conv1x1_bwd_dw"),
-                      (kc, "bn_relu_conv1x1_bwd_dz"), (kc, "bn_relu_conv1x1_bwd_dx")]:
+    for mod, name in [(ks, "batch_stats"), (kc, "bn_relu_conv1x1_fwd"), (kc, "bn_relu_conv1x1_bwd")]:
         def counted(*a, _orig=getattr(mod, name), _name=name, **k):
             calls[_name] = calls.get(_name, 0) + 1
             return _orig(*a, **k)
         monkeypatch.setattr(mod, name, counted)
-    monkeypatch.setattr(Fp._BNReLUConv1x1Torch, "apply", lambda *a: pytest.fail("torch fallback ran"))
+    from fastpreact.functional import conv1x1
+    monkeypatch.setattr(conv1x1._BNReLUConv1x1Torch, "apply", lambda *a: pytest.fail("torch fallback ran"))
     _compare(2, 5, 4, 3, 6, 1, True, torch.float32, False)
-    assert calls == {"batch_stats_rows": 1, "bn_relu_conv1x1_fwd": 1, "bn_relu_conv1x1_bwd_dw": 1,
-                     "bn_relu_conv1x1_bwd_dz": 1, "bn_relu_conv1x1_bwd_dx": 1}
+    assert calls == {"batch_stats": 1, "bn_relu_conv1x1_fwd": 1, "bn_relu_conv1x1_bwd": 1}
 
 
 def test_torch_fallback_matches_reference(monkeypatch):
@@ -272,7 +271,7 @@ def test_input_stats_skip_the_statistics_pass(monkeypatch):
     from fastpreact.kernels import batch_stats as ks
     inp = _make_inputs(2, 8, 5, 5, 6, 1, bias=False, residual=False)
     stats = Fp.batch_stats(inp["x"])
-    monkeypatch.setattr(ks, "batch_stats_rows", lambda *a, **k: pytest.fail("statistics recomputed"))
+    monkeypatch.setattr(ks, "batch_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
     rm, rv = inp["rm"].clone(), inp["rv"].clone()
     y = Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], rm, rv, training=True,
                            input_stats=stats)
@@ -298,7 +297,7 @@ def test_output_stats_accurate_for_large_mean():
     """Epilogue statistics of y with mean ~1e3 and spread ~1 (a residual stream far from zero)."""
     inp = _make_inputs(4, 8, 9, 9, 12, 1, bias=False, residual=True)
     res = inp["res"] + 1e3
-    y, (mean, var) = Fp.bn_relu_conv1x1(inp["x"], inp["w"] * 0.3, inp["gamma"], inp["beta"], training=True,
+    y, (mean, var, _, _) = Fp.bn_relu_conv1x1(inp["x"], inp["w"] * 0.3, inp["gamma"], inp["beta"], training=True,
                                         residual=res, output_stats=True)
     ref_mean, ref_var = reference.batch_stats(y)
     assert ref_mean.min() > 900
@@ -323,7 +322,7 @@ def test_dual(stride_a, stride_b, training, device, monkeypatch):
 
     leaves = [t.clone().requires_grad_() for t in (x, wa, wb, gamma, beta)]
     rm1, rv1, nbt = rm.clone(), rv.clone(), torch.tensor(0, device=device)
-    (ya, (mean_a, var_a)), yb = Fp.bn_relu_conv1x1_dual(
+    (ya, (mean_a, var_a, _, _)), yb = Fp.bn_relu_conv1x1_dual(
         *leaves, rm1, rv1, num_batches_tracked=nbt, training=training, stride_a=stride_a, stride_b=stride_b,
         output_stats_a=True)
     (ya * dya).sum().add((yb * dyb).sum()).backward()
@@ -480,7 +479,7 @@ def test_dx_launcher_accumulates_into_shortcut_gradient(stride):
     x = inp["x"].detach().requires_grad_()
     y = Fp.bn_relu_conv1x1(x, inp["w"], inp["gamma"], inp["beta"], training=True, stride=stride)
     y.backward(inp["dy"])
-    mean, var = Fp.batch_stats(x.detach())
+    mean, var, _, _ = Fp.batch_stats(x.detach())
     rstd = torch.rsqrt(var + 1e-5)
     w2d = inp["w"].reshape(6, 11).contiguous()
     dy = inp["dy"].contiguous(memory_format=torch.channels_last)
@@ -499,8 +498,11 @@ def test_dx_launcher_accumulates_into_shortcut_gradient(stride):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_production_path_without_poison(training, monkeypatch):
-    """Without poisoning, stride-1 dx is written over dz in place (the path training runs): same answers."""
+    """Without poisoning (the path training runs: no NaN fill; the three-pass path writes stride-1 dx over
+    dz in place): same answers."""
+    from fastpreact.functional import backends
     monkeypatch.delenv("FASTPREACT_POISON", raising=False)
+    monkeypatch.setattr(backends, "POISON", False)
     _compare(2, 17, 5, 7, 20, 1, training, torch.float32, True, seed=9)
     _compare(2, 17, 5, 7, 20, 1, training, torch.float16, False, seed=9)
 
@@ -550,9 +552,9 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dual", [False, True])
-def test_output_bn_is_finished_like_bn_statistics(momentum, dual):
-    """output_bn: the consuming BatchNorm finished from y's statistics in the producer's launch equals
-    bn_statistics(bn, y, input_stats=stats) run afterwards: (mean, var, rstd, True), running buffers and
+def test_next_bn_is_finished_like_bn_stats(momentum, dual):
+    """next_bn: the consuming BatchNorm finished from y's stats in the producer's launch equals
+    bn_stats(bn, y, input_stats=stats) run afterwards: BNStats(mean, var, rstd, True), running buffers and
     num_batches_tracked."""
     inp = _make_inputs(2, 6, 5, 4, 5, 1, bias=False, residual=False, seed=11)
     w_b = torch.randn(3, 6, 1, 1, generator=torch.Generator().manual_seed(12))
@@ -571,10 +573,11 @@ def test_output_bn_is_finished_like_bn_statistics(momentum, dual):
             return y, stats
         return Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], output_stats=True, **kw)
 
-    y, taken = run(output_bn=bns[0])
+    y, taken = run(next_bn=bns[0])
     y_ref, stats = run()
-    expected = Fp.bn_statistics(bns[1], y_ref, input_stats=stats)
-    assert taken[3] is True and expected[3] is True
+    assert isinstance(taken, Fp.BNStats) and taken.finished and not stats.finished
+    expected = Fp.bn_stats(bns[1], y_ref, input_stats=stats)
+    assert taken.batch is True and expected.batch is True
     for got, ref in zip(taken[:3], expected[:3]):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -585,7 +588,270 @@ def test_output_bn_is_finished_like_bn_statistics(momentum, dual):
     for got, ref in zip((bns[0].running_mean, bns[0].running_var, bns[0].num_batches_tracked), before):
         assert torch.equal(got, ref)
     with pytest.raises(ValueError, match="needs output_stats=True"):
-        Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], output_bn=bns[0])
+        Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], next_bn=bns[0])
     with pytest.raises(ValueError, match=r"must be the BatchNorm2d\(5\)"):
         Fp.bn_relu_conv1x1(inp["x"], inp["w"], inp["gamma"], inp["beta"], output_stats=True,
-                           output_bn=nn.BatchNorm2d(4))
+                           next_bn=nn.BatchNorm2d(4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backward launcher itself (kernels.bn_relu_conv1x1_bwd): both paths (two passes, three passes),
+# every call shape, on given statistics, against float64 and, in low precision, stock autocast
+# ---------------------------------------------------------------------------------------------------
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _bwd_inputs(n, c, h, w, cout, stride, dtype, x_dtype, batch_stats, seed):
+    """Inputs in fp32 holding the values each dtype can hold: x on x_dtype's grid, dy on the compute
+    dtype's (ReLU crossings centred when x is low precision, see _center_relu_crossings)."""
+    g = torch.Generator().manual_seed(seed)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    inp = dict(x=(torch.randn(n, c, h, w, generator=g) * 1.5 + 0.3).to(x_dtype).float(),
+               w=torch.randn(cout, c, generator=g) * c ** -0.5, gamma=torch.randn(c, generator=g) * 0.3 + 1.0,
+               beta=torch.randn(c, generator=g) * 0.5, rm=torch.randn(c, generator=g) * 0.2,
+               rv=torch.rand(c, generator=g) + 0.5, dy=torch.randn(n, cout, ho, wo, generator=g).to(dtype).float(),
+               add=torch.randn(n, c, h, w, generator=g).to(x_dtype).float())
+    if x_dtype != torch.float32:
+        _center_relu_crossings(inp, batch_stats)
+    return inp
+
+
+def _bwd_reference(inp, stride, batch_stats, dtype, impl, eps=1e-5):
+    """(dx, dW, dbeta, dgamma) of BatchNorm -> ReLU -> 1x1 conv: impl 'ref64' in float64, 'stock' in fp32
+    under CPU autocast in dtype (BatchNorm on x's own values, the conv in dtype: stock PyTorch's AMP)."""
+    cast = torch.float64 if impl == "ref64" else torch.float32
+    x, w, gamma, beta = (inp[k].to(cast).requires_grad_() for k in ("x", "w", "gamma", "beta"))
+    with torch.autocast("cpu", dtype=dtype, enabled=impl == "stock" and dtype != torch.float32):
+        if batch_stats:
+            z = torch.nn.functional.batch_norm(x, None, None, gamma, beta, training=True, eps=eps)
+        else:
+            z = torch.nn.functional.batch_norm(x, inp["rm"].to(cast), inp["rv"].to(cast), gamma, beta,
+                                               training=False, eps=eps)
+        y = torch.nn.functional.conv2d(torch.relu(z), w[:, :, None, None], stride=stride)
+    y.backward(inp["dy"].to(y.dtype))
+    return x.grad, w.grad, beta.grad, gamma.grad
+
+
+def _bwd_case(n, c, h, w, cout, stride, *, dtype=torch.float32, x_dtype=None, batch_stats=True, split=0,
+              need=(True, True, True), add=None, passes=None, seed=0, eps=1e-5, poison=True):
+    """kernels' bn_relu_conv1x1_bwd (outputs NaN-poisoned first unless poison=False) vs float64: fp32
+    closely, low precision relative to stock autocast's own error. add: None, 'add_grad' or
+    'accumulate_into'."""
+    from fastpreact.kernels import bn_relu_conv1x1 as kc
+    x_dtype = x_dtype or dtype
+    inp = _bwd_inputs(n, c, h, w, cout, stride, dtype, x_dtype, batch_stats, seed)
+    x = _cl(inp["x"].to(x_dtype))
+    if batch_stats:
+        x64 = inp["x"].double()
+        mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = inp["rm"].double(), inp["rv"].double()
+    rstd = (var + eps).rsqrt().float()
+    dy_all = _cl(inp["dy"].to(dtype))
+    dy, dy2 = (_cl(dy_all[:, :split]), _cl(dy_all[:, split:])) if split else (dy_all, None)
+    addend = _cl(inp["add"].to(x_dtype)) if add else None
+    kw = {add: addend.clone()} if add else {}
+    out = kc.bn_relu_conv1x1_bwd(x, dy, inp["w"], mean.float(), rstd, inp["gamma"], inp["beta"], stride=stride,
+                                 dy2=dy2, batch_stats=batch_stats, need_x=need[0], need_w=need[1], need_bn=need[2],
+                                 passes=passes, poison=poison, **kw)
+    ref = _bwd_reference(inp, stride, batch_stats, dtype, "ref64")
+    stock = _bwd_reference(inp, stride, batch_stats, dtype, "stock") if dtype != torch.float32 else (None,) * 4
+    wanted = (need[0], need[1], need[2], need[2])
+    for name, ours, r64, lowp, want in zip(("dx", "dW", "dbeta", "dgamma"), out, ref, stock, wanted):
+        if not want:
+            assert ours is None, f"{name} computed though not needed"
+            continue
+        if name == "dx":
+            assert ours.dtype == x_dtype and ours.is_contiguous(memory_format=torch.channels_last)
+            if add:
+                r64 = r64 + inp["add"].double()
+                lowp = None if lowp is None else lowp + inp["add"]
+                if add == "accumulate_into":
+                    assert ours is kw[add]
+        _assert_oracle(name, ours, r64, lowp, rtol=5e-5, dtype=dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("passes", [2, 3])
+def test_backward_paths(passes, stride, batch_stats, dtype):
+    _bwd_case(2, 17, 5, 7, 20, stride, dtype=dtype, batch_stats=batch_stats, passes=passes,
+              seed=passes + 2 * stride + 4 * batch_stats)
+
+
+@pytest.mark.parametrize("passes", [2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_dual_and_odd_shapes(passes, stride):
+    """Two gradients (a dual op's), odd sizes and channel counts across tile edges."""
+    _bwd_case(3, 40, 6, 5, 33, stride, split=13, passes=passes, seed=stride)
+    _bwd_case(1, 3, 3, 1, 70, stride, split=64, passes=passes, seed=5, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("need", [(True, False, True), (False, True, False), (False, False, True),
+                                  (True, True, False), (True, False, False)],
+                         ids=["frozen-weight", "weight-only", "bn-only", "no-bn", "x-only"])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_backward_subsets(need, batch_stats):
+    """Whatever subset is needed is computed, and nothing else (None)."""
+    _bwd_case(2, 17, 5, 7, 20, 2, need=need, batch_stats=batch_stats, seed=7)
+
+
+@pytest.mark.parametrize("add", ["add_grad", "accumulate_into"])
+@pytest.mark.parametrize("passes", [2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_adds_the_incoming_gradient(add, passes, stride):
+    """The identity shortcut's gradient: added read-only (add_grad) or into its tensor in place."""
+    _bwd_case(2, 11, 7, 5, 6, stride, add=add, passes=passes, seed=stride)
+    _bwd_case(2, 11, 7, 5, 6, stride, add=add, passes=passes, seed=stride, batch_stats=False, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_bf16(stride):
+    """bf16 products (widened in the interpreter) within 2x stock bf16's error, both paths."""
+    for passes in (2, 3):
+        _bwd_case(2, 24, 6, 7, 40, stride, dtype=torch.bfloat16, passes=passes, split=8, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fp32_input_with_a_16bit_compute_dtype(stride, dtype):
+    """Autocast with an fp32 input: x is read as fp32 (z, the ReLU mask and the BN sums from x itself)
+    and only the GEMM operands are rounded to the compute dtype, as stock autocast does; forward and
+    backward within 2x stock autocast's error against float64 (rounding x itself first flips ReLU masks:
+    18e-3 vs stock's 0.4e-3 in fp16)."""
+    from fastpreact.kernels import bn_relu_conv1x1 as kc
+    for passes in (2, 3):
+        _bwd_case(3, 40, 6, 5, 33, stride, dtype=dtype, x_dtype=torch.float32, passes=passes, seed=21)
+    inp = _bwd_inputs(3, 40, 6, 5, 33, stride, dtype, torch.float32, True, 22)
+    x64 = inp["x"].double()
+    mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    y = kc.bn_relu_conv1x1_fwd(_cl(inp["x"]), inp["w"], mean.float(), (var + 1e-5).rsqrt().float(), inp["gamma"],
+                               inp["beta"], stride=stride, out_dtype=dtype, poison=True)[0]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    ys = {}
+    for impl in ("ref64", "stock"):
+        cast = torch.float64 if impl == "ref64" else torch.float32
+        with torch.autocast("cpu", dtype=dtype, enabled=impl == "stock"):
+            z = torch.nn.functional.batch_norm(inp["x"].to(cast), None, None, inp["gamma"].to(cast),
+                                               inp["beta"].to(cast), training=True)
+            ys[impl] = torch.nn.functional.conv2d(torch.relu(z), inp["w"].to(cast)[:, :, None, None], stride=stride)
+    _assert_oracle("y", y, ys["ref64"], ys["stock"], dtype=dtype)
+
+
+@pytest.mark.parametrize("passes", [2, 3])
+def test_backward_without_poison(passes):
+    """The production buffers (no NaN fill; three passes write stride-1 dx over dz in place)."""
+    _bwd_case(2, 17, 5, 7, 20, 1, passes=passes, poison=False, seed=12)
+    _bwd_case(2, 17, 5, 7, 20, 1, passes=passes, poison=False, seed=12, dtype=torch.float16, add="add_grad")
+
+
+def test_backward_is_deterministic_and_the_paths_agree():
+    """Same call, same bits; the two paths agree to fp32 rounding."""
+    runs = [_bwd_case(3, 40, 6, 5, 33, 2, split=13, passes=p, seed=9) for p in (2, 2, 3)]
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_passes_rule():
+    """Three passes only where recomputing dz costs more than storing it on the card (H100: the last
+    ImageNet stage); two wherever dx and the sums are not both needed; the interpreter decides as an H100."""
+    from fastpreact.kernels import bn_relu_conv1x1 as kc
+    from fastpreact.kernels.cards import CARDS, INTERPRETER
+
+    def passes(k, n, hw, stride=1, card=CARDS["sm_90"], accumulate=False, dtype=torch.bfloat16):
+        ho = (hw - 1) // stride + 1
+        return kc.backward_passes(64 * ho * ho, 64 * hw * hw, k, n, x_bytes=dtype.itemsize, e=dtype.itemsize,
+                                  w_bytes=4, card=card, dtype=dtype, accumulate=accumulate)
+    assert passes(512, 2048, 7) == 3 and passes(1024, 2048, 14, stride=2) == 3
+    assert passes(256, 64, 56, accumulate=True) == passes(64, 256, 56) == passes(2048, 512, 7, accumulate=True) == 2
+    assert passes(64, 256, 32) == passes(256, 64, 32) == 2  # CIFAR widths: always two
+    assert passes(512, 2048, 7, card=INTERPRETER) == 3
+    assert passes(256, 1024, 14, dtype=torch.float32) == 2  # TF32: half the 16-bit rate, twice the bytes
+
+
+def test_backward_passes_rule_without_tensor_cores(monkeypatch):
+    """IEEE fp32 (TF32 off) multiplies on CUDA cores: recomputing dz costs more than it saves."""
+    from fastpreact.kernels import bn_relu_conv1x1 as kc
+    from fastpreact.kernels.cards import CARDS
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert kc.backward_passes(64 * 14 * 14, 64 * 14 * 14, 256, 1024, x_bytes=4, e=4, w_bytes=4, card=CARDS["sm_90"],
+                              dtype=torch.float32) == 3
+
+
+@pytest.mark.parametrize("passes", [2, 3])
+def test_fp32_input_keeps_relu_masks_near_the_threshold(passes):
+    """A third of x sits within 1e-5..3e-4 of its channel's ReLU threshold (running statistics, so the
+    threshold is known): fp16 rounding of x moves ~half of those across it, fp32 does not. Ours (x read
+    as fp32) keeps stock autocast's masks and passes its oracle; x rounded to fp16 first would not."""
+    from fastpreact.kernels import bn_relu_conv1x1 as kc
+    dtype = torch.float16
+    inp = _bwd_inputs(3, 40, 6, 5, 33, 1, dtype, torch.float32, False, 31)
+    g = torch.Generator().manual_seed(32)
+    scale = inp["gamma"] * (inp["rv"] + 1e-5).rsqrt()
+    thresh = inp["rm"] - inp["beta"] / scale                      # z = 0 there
+    shape = inp["x"].shape
+    dist = (torch.rand(shape, generator=g) * 2.9e-4 + 1e-5) * torch.sign(torch.randn(shape, generator=g))
+    near = torch.rand(shape, generator=g) < 1 / 3
+    inp["x"] = torch.where(near, thresh[None, :, None, None] + dist / scale[None, :, None, None], inp["x"])
+    rstd = (inp["rv"] + 1e-5).rsqrt()
+    ref = _bwd_reference(inp, 1, False, dtype, "ref64")
+    stock = _bwd_reference(inp, 1, False, dtype, "stock")
+    dy = _cl(inp["dy"].to(dtype))
+    for x_dtype in (torch.float32, dtype):
+        dx = kc.bn_relu_conv1x1_bwd(_cl(inp["x"].to(x_dtype)), dy, inp["w"], inp["rm"], rstd, inp["gamma"],
+                                    inp["beta"], batch_stats=False, passes=passes, poison=True)[0]
+        if x_dtype == torch.float32:
+            _assert_oracle("dx", dx, ref[0], stock[0], dtype=dtype)
+        else:
+            with pytest.raises(AssertionError, match="elements off"):
+                _assert_oracle("dx", dx.float(), ref[0], stock[0], dtype=dtype)
+
+
+@pytest.mark.parametrize("forced", ["2", "3"])
+def test_backward_passes_forced_by_the_environment(forced, monkeypatch):
+    """FASTPREACT_BACKWARD_PASSES picks the path for every call: the three-pass path's kernels launch
+    (dz, dx) or not."""
+    from fastpreact.kernels import bn_relu_conv1x1 as kc
+    from fastpreact.kernels.bn_relu_conv1x1 import three_pass
+    monkeypatch.setenv("FASTPREACT_BACKWARD_PASSES", forced)
+    calls = []
+    monkeypatch.setattr(three_pass.DZ, "run", lambda *a, **k: calls.append("dz") or three_pass.DZ.__class__.run(
+        three_pass.DZ, *a, **k))
+    _bwd_case(2, 17, 5, 7, 20, 2, seed=13)
+    assert calls == (["dz"] if forced == "3" else [])
+    assert kc.backward.forced_passes() == int(forced)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("seed,offset,spread", [(s, 1.0, 3.0) for s in range(8)] + [(8, 512.0, 0.2), (9, -60.0, 0.05)])
+def test_autocast_with_an_fp32_input_normalises_it_as_stock_does(seed, offset, spread):
+    """Under fp16 autocast with an fp32 x, stock PyTorch runs BatchNorm on x as it comes and rounds only
+    the conv's input: the fused op must too (rounding x first flips ReLU masks near the threshold, and at
+    mean 512, spread 0.2 leaves fp16 nothing of x's deviations). Output and input gradient against
+    float64, within 2x stock autocast's own error."""
+    g = torch.Generator().manual_seed(100 + seed)
+    n, c, h, w, cout = 2, 3 + 5 * seed % 17, 5, 4 + seed % 3, 6 + seed
+    x64 = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * spread + offset
+    w64 = torch.randn(cout, c, 1, 1, generator=g, dtype=torch.float64) * c ** -0.5
+    dy = torch.randn(n, cout, h, w, generator=g, dtype=torch.float64)
+    out = {}
+    for impl in ("fused", "stock", "ref64"):
+        dtype = torch.float64 if impl == "ref64" else torch.float32
+        x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        bn, conv = nn.BatchNorm2d(c).to(dtype), nn.Conv2d(c, cout, 1, bias=False).to(dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w64)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=impl != "ref64"):
+            if impl == "fused":
+                y = fastpreact.BNReLUConv1x1.from_modules(bn, conv)(x)
+            else:
+                y = conv(torch.relu(bn(x)))
+        y.backward(dy.to(y.dtype))
+        out[impl] = (y.detach().double(), x.grad.double())
+    for i, what in enumerate(("y", "dx")):
+        assert_oracle(out["fused"][i], out["stock"][i], out["ref64"][i], what, atol_rel=5e-4)

@@ -199,14 +199,17 @@ def opcheck_cases():
     ops = torch.ops.fastpreact
     no_bn = (None,) * 5  # no next BatchNorm to finish
     return [
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, 0, True, True, *no_bn)),
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 0, False, False, *no_bn)),
-        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 4, True, True, *no_bn)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, bias, res, 2, 0, True, True, *no_bn, None)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 0, False, False, *no_bn, None)),
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 4, True, True, *no_bn, None)),
         # finishing the next BatchNorm: its running statistics and counter are mutated arguments
         (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, res, 2, 0, True, True, torch.zeros(12),
-                               torch.ones(12), torch.tensor(3), 0.1, 1e-5)),
+                               torch.ones(12), torch.tensor(3), 0.1, 1e-5, None)),
         (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, None, 1, 4, True, True, torch.zeros(4), torch.ones(4),
-                               torch.tensor(3), None, 1e-5)),
+                               torch.tensor(3), None, 1e-5, None)),
+        # an fp32 x normalised as it comes, the GEMM in fp16 (autocast's compute dtype)
+        (ops.bn_relu_conv1x1, (xg, w, g, b, mean, rstd, None, res.detach().half().requires_grad_(), 2, 0, True,
+                               True, *no_bn, torch.float16)),
         (ops.bn_relu_conv1x1_backward, (dy, None, x, w.detach(), g.detach(), b.detach(), mean, rstd, 1, True,
                                         True, True, True, None)),
         (ops.bn_relu_conv1x1_backward, (dy[:, :4].contiguous(memory_format=torch.channels_last),

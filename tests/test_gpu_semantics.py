@@ -81,7 +81,7 @@ def test_training_step_under_autotuning_matches_stock(monkeypatch, momentum):
         from fastpreact.kernels import tuning
         chosen = tuning.table()["cards"]["interpreter"]
     assert tuned.timed >= 6 and tuned.calls == REPEATS * tuned.timed, "the candidates were not timed"
-    assert set(chosen) == {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz"}
+    assert set(chosen) == {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_reduce", "bn_relu_conv1x1_bwd_dgrad"}
     assert all(name != "32x32x16-w4-s1-g4" for keys in chosen.values() for name in keys.values()), \
         "the default config won: the emulation did not change the tile"
     _assert_like_stock(out, _step(stock, x, y), _step(ref64, x.double(), y))
@@ -162,7 +162,7 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
         _step(fused, x, y)
     assert records, "no launch recorded"
     names = {name for name, _, _ in records}
-    assert {"_bn_relu_conv1x1_fwd_kernel", "_bn_relu_conv1x1_bwd_dx_kernel", "_batch_stats_kernel",
+    assert {"_bn_relu_conv1x1_fwd_kernel", "_bn_relu_conv1x1_bwd_dgrad_kernel", "_batch_stats_kernel",
             "_bn_relu_fwd_kernel"} <= names
     for name, guard, devices in records:
         assert guard is not None, f"{name} launched without the device guard"

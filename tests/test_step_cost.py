@@ -22,11 +22,13 @@ NETS = {
     "imagenet basic": ("resnet10", dict(IMAGENET_TINY, block="basic")),
 }
 # (aten launches, Triton launches) of one bf16 training step at batch 2.
+# The fused 1x1 backward is two launches per call (kernels/bn_relu_conv1x1/backward.py; three only at
+# large, compute-bound shapes, none of them here).
 PINNED = {
-    ("cifar bottleneck", "stock"): (130, 0), ("cifar bottleneck", "fused"): (42, 43),
-    ("cifar basic", "stock"): (99, 0), ("cifar basic", "fused"): (61, 44),
-    ("imagenet bottleneck", "stock"): (165, 0), ("imagenet bottleneck", "fused"): (63, 69),
-    ("imagenet basic", "stock"): (125, 0), ("imagenet basic", "fused"): (75, 59),
+    ("cifar bottleneck", "stock"): (130, 0), ("cifar bottleneck", "fused"): (42, 37),
+    ("cifar basic", "stock"): (99, 0), ("cifar basic", "fused"): (61, 42),
+    ("imagenet bottleneck", "stock"): (165, 0), ("imagenet bottleneck", "fused"): (63, 59),
+    ("imagenet basic", "stock"): (125, 0), ("imagenet basic", "fused"): (75, 56),
 }
 
 
@@ -55,30 +57,50 @@ FULL_SIZE = {
     "resnet50": dict(num_classes=1000, batch=64, image=224),
     "resnet164": dict(num_classes=10, batch=128, image=32),
     "resnet200": dict(num_classes=1000, batch=64, image=224),
+    "resnet1001": dict(num_classes=10, batch=128, image=32),
 }
+# Fused / stock of one step, as counted today: (launches, bytes, predicted H100 step time). The fused 1x1
+# backward runs in two passes (the three-pass path only at ResNet-50/200's last-stage shapes); the CIFAR
+# nets are host-bound by the assumed per-launch costs, so their predicted step is above stock's.
+RATIOS = {
+    "resnet50": (0.600, 0.586, 0.605),
+    "resnet164": (0.525, 0.449, 1.082),
+    "resnet200": (0.539, 0.520, 0.556),
+    "resnet1001": (0.518, 0.450, 1.086),
+}
+MARGIN = 0.005
 
 
 @functools.lru_cache(maxsize=None)
-def _full_size_totals(arch, kernels):
+def _full_size(arch, kernels):
     cfg = FULL_SIZE[arch]
-    return sc.count_model(arch, cfg["num_classes"], kernels=kernels, batch=cfg["batch"], image=cfg["image"]).totals()
+    return sc.count_model(arch, cfg["num_classes"], kernels=kernels, batch=cfg["batch"], image=cfg["image"])
 
 
 @pytest.mark.parametrize("arch", list(FULL_SIZE))
-def test_fused_step_launches_at_most_three_quarters_of_stock(arch):
-    stock, fused = _full_size_totals(arch, "stock"), _full_size_totals(arch, "fused")
-    ratio = fused["launches"] / stock["launches"]
-    print(f"{arch}: fused {fused['launches']} / stock {stock['launches']} launches = {ratio:.3f}")
-    assert ratio <= 0.75, f"{arch}: the fused step makes {ratio:.3f}x the stock step's launches (at most 0.75x)"
+def test_fused_step_ratios_pinned(arch):
+    """Launches, bytes and the predicted H100 step, fused / stock, at or below today's (with a small margin),
+    and launches at most three quarters of stock's."""
+    stock, fused = _full_size(arch, "stock"), _full_size(arch, "fused")
+    s, f = stock.totals(), fused.totals()
+    got = (f["launches"] / s["launches"], f["bytes"] / s["bytes"],
+           sc.predict(fused, "h100")["step_ms"] / sc.predict(stock, "h100")["step_ms"])
+    print(f"{arch}: fused / stock launches {got[0]:.3f}, bytes {got[1]:.3f}, H100 step {got[2]:.3f}")
+    assert got[0] <= 0.75, f"{arch}: the fused step makes {got[0]:.3f}x the stock step's launches (at most 0.75x)"
+    for what, value, pinned in zip(("launches", "bytes", "H100 step"), got, RATIOS[arch]):
+        assert value <= pinned + MARGIN, (f"{arch}: fused / stock {what} {value:.4f}, pinned {pinned} (+{MARGIN}); "
+                                          "update RATIOS with the change that moved it")
 
 
-def test_fused_resnet200_step_bytes():
-    """Bytes read and written by one resnet200 step, fused / stock: 0.640 today (the fused 1x1 backward
-    reads x in each of its three passes and writes and reads dz); pinned with a small margin."""
-    stock, fused = _full_size_totals("resnet200", "stock"), _full_size_totals("resnet200", "fused")
-    ratio = fused["bytes"] / stock["bytes"]
-    print(f"resnet200: fused / stock bytes = {ratio:.4f}")
-    assert ratio <= 0.645, f"resnet200: fused / stock bytes {ratio:.4f}, pinned at most 0.645"
+def test_fused_resnet200_step_targets():
+    """ResNet-200 (batch 64, bf16), fused / stock: bytes at most 0.55 (0.64 with the three-pass backward,
+    which read x in each of its passes and wrote dz and read it back), launches at most 0.61 and the
+    predicted H100 step at most 0.6."""
+    stock, fused = _full_size("resnet200", "stock"), _full_size("resnet200", "fused")
+    s, f = stock.totals(), fused.totals()
+    assert f["bytes"] / s["bytes"] <= 0.55
+    assert f["launches"] / s["launches"] <= 0.61
+    assert sc.predict(fused, "h100")["step_ms"] / sc.predict(stock, "h100")["step_ms"] <= 0.6
 
 
 def test_fake_count_equals_a_real_run():
@@ -98,9 +120,11 @@ def test_every_class_and_cost_is_sane():
     by = cost.by_class()
     assert list(by) == list(sc.CLASSES)
     assert all(d["launches"] > 0 for d in by.values())
-    # FLOPs only where a GEMM or convolution runs; the fused 1x1 FLOPs equal the stock 1x1 convs'.
+    # FLOPs only where a GEMM or convolution runs. The fused 1x1 FLOPs are the stock 1x1 convs' (2MKN
+    # forward, 4MKN backward) plus dz computed twice where the backward runs in two passes (6MKN): more,
+    # but at most 8/6 of them.
     stock = _count("imagenet bottleneck", "stock").by_class()
-    assert by["fused 1x1"]["flops"] == stock["fused 1x1"]["flops"] > 0
+    assert 0 < stock["fused 1x1"]["flops"] <= by["fused 1x1"]["flops"] <= stock["fused 1x1"]["flops"] * 8 / 6
     assert by["3x3 conv"]["flops"] == stock["3x3 conv"]["flops"] > 0
     assert by["glue"]["flops"] == by["statistics"]["flops"] == by["BN-ReLU passes"]["flops"] == 0
     assert all(r.bytes > 0 for r in cost.launches if r.kind == "triton")

@@ -185,7 +185,7 @@ def test_fused_run_keeps_its_tile_choices_and_a_resume_pins_them(tmp_path, capsy
     assert code == 0, err
     saved = json.loads((out / "tuning.json").read_text())
     kernels = saved["cards"]["interpreter"]
-    assert {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz"} <= set(kernels)
+    assert {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_reduce", "bn_relu_conv1x1_bwd_dgrad"} <= set(kernels)
     assert load_checkpoint(out / "checkpoints" / "ckpt-2.pt")["tuning"] == saved
 
     pinned = []

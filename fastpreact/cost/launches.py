@@ -39,31 +39,47 @@ def _nb(t) -> int:
 # In-kernel reductions (statistics merged, partials summed by the last program to finish) write their
 # fp32 partials and read them back once: 2 x the partials' bytes, plus the reduced result.
 def _conv1x1_fwd(a):
-    M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
+    M, K, N, ex, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size(), a["y_ptr"].element_size()
     extra = e * M * N if a["HAS_RESIDUAL"] else 0
     parts = 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * N + 2 * 4 * N if a["OUT_STATS"] else 0
     if a["OUT_FINISH"]:  # the consuming BatchNorm's rstd, and its running statistics read and written
         parts += 4 * a["n_finish"] + (4 * 4 * a["n_finish"] if a["OUT_UPDATE_RUNNING"] else 0)
-    return e * (M * K + N * K + M * N) + extra + parts + 16 * K, 2 * M * K * N
+    return ex * M * K + _nb(a["w_ptr"]) + e * M * N + extra + parts + 16 * K, 2 * M * K * N
 
 
-def _conv1x1_dw(a):
-    M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    splits = a["grid"][1]
-    parts = 2 * 4 * splits * N * K if splits > 1 else 0
-    return e * (M * K + M * N) + parts + _nb(a["dw_ptr"]) + 16 * K, 2 * M * K * N
+def _conv1x1_reduce(a):
+    """Backward pass 1 (dW and / or the BN sums): reads x at the sampled rows, dy (and W for the sums);
+    writes dW; fp32 partials of dW (several splits) and of the sums, written and read back once."""
+    M, K, N, ex, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size(), a["dy_ptr"].element_size()
+    splits, dw, sums = a["grid"][1], a["COMPUTE_DW"], a["COMPUTE_SUMS"]
+    nbytes = ex * M * K + e * M * N + 16 * K
+    if dw:
+        nbytes += _nb(a["dw_ptr"]) + (2 * 4 * splits * N * K if splits > 1 else 0)
+    if sums:
+        nbytes += _nb(a["w_ptr"]) + 2 * 2 * 4 * splits * -(-N // a["BLOCK_N"]) * K + 2 * 4 * K
+    return nbytes, 2 * M * K * N * (int(dw) + int(sums))
+
+
+def _conv1x1_dgrad(a):
+    """Backward pass 2: reads dy, W, x (every input row with batch statistics, else the sampled ones) and
+    the addend; writes dx over every input row."""
+    M, K, N, ex, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size(), a["dy_ptr"].element_size()
+    Mi = M * a["H"] * a["W"] // (a["Ho"] * a["Wo"])
+    x_rows = Mi if a["BATCH_STATS"] else M
+    nbytes = e * M * N + _nb(a["w_ptr"]) + ex * (x_rows + Mi + (Mi if a["ACCUMULATE"] else 0)) * K + 24 * K
+    return nbytes, 2 * M * K * N
 
 
 def _conv1x1_dz(a):
-    M, K, N, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size()
-    return (e * (M * N + N * K + 2 * M * K) + 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * K + 2 * 4 * K + 16 * K,
-            2 * M * K * N)
+    M, K, N, ex, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size(), a["dy_ptr"].element_size()
+    return (e * (M * N + M * K) + _nb(a["w_ptr"]) + ex * M * K + 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * K + 2 * 4 * K
+            + 16 * K, 2 * M * K * N)
 
 
 def _conv1x1_dx(a):
-    Mi, K, e = a["M_in"], a["K"], a["x_ptr"].element_size()
+    Mi, K, ex, e = a["M_in"], a["K"], a["x_ptr"].element_size(), a["dz_ptr"].element_size()
     M = Mi * a["Ho"] * a["Wo"] // (a["H"] * a["W"])
-    return e * (2 * Mi * K + M * K + (Mi * K if a["ACCUMULATE"] else 0)) + 24 * K, 0
+    return ex * (2 * Mi * K + (Mi * K if a["ACCUMULATE"] else 0)) + e * M * K + 24 * K, 0
 
 
 def _stats_fused(a):
@@ -90,7 +106,8 @@ def _bn_relu_dx(a):
 
 TRITON_COSTS = {
     "_bn_relu_conv1x1_fwd_kernel": ("fused 1x1", _conv1x1_fwd),
-    "_bn_relu_conv1x1_bwd_dw_kernel": ("fused 1x1", _conv1x1_dw),
+    "_bn_relu_conv1x1_bwd_reduce_kernel": ("fused 1x1", _conv1x1_reduce),
+    "_bn_relu_conv1x1_bwd_dgrad_kernel": ("fused 1x1", _conv1x1_dgrad),
     "_bn_relu_conv1x1_bwd_dz_kernel": ("fused 1x1", _conv1x1_dz),
     "_bn_relu_conv1x1_bwd_dx_kernel": ("fused 1x1", _conv1x1_dx),
     "_batch_stats_kernel": ("statistics", _stats_fused),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import autocast_dtype, use_triton
+from .backends import KERNEL_DTYPES, use_triton
 from .batchnorm import _bn_stats, _torch_batch_stats, bn_args, bn_stats, check_vec
 from .conv1x1_ops import Conv1x1Call, ShortcutGrad, _BNReLUConv1x1Triton, out_shape
 from .types import BNFinish, BNStats
@@ -49,11 +49,11 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, conv_bias, residual, stats: BNStats, call: Conv1x1Call):
         mean, rstd = stats.mean, stats.rstd
+        dtype = call.dtype or x.dtype
         # Centred first, like the kernels: exact when |mean| >> std.
         xhat = (x.float() - mean[None, :, None, None]) * rstd[None, :, None, None]
-        a = F.relu(xhat * gamma[None, :, None, None] + beta[None, :, None, None]).to(x.dtype)
-        y = F.conv2d(a, weight.to(x.dtype), None if conv_bias is None else conv_bias.to(x.dtype),
-                     stride=call.stride)
+        a = F.relu(xhat * gamma[None, :, None, None] + beta[None, :, None, None]).to(dtype)
+        y = F.conv2d(a, weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype), stride=call.stride)
         if residual is not None:
             y = y + residual
         ctx.save_for_backward(x, weight, gamma, beta, mean, rstd)
@@ -67,8 +67,8 @@ class _BNReLUConv1x1Torch(torch.autograd.Function):
         scale = gamma * rstd
         xhat = (x.float() - mean[None, :, None, None]) * rstd[None, :, None, None]
         z = xhat * gamma[None, :, None, None] + beta[None, :, None, None]
-        a = F.relu(z).to(x.dtype)
-        dy = dy.to(x.dtype)
+        a = F.relu(z).to(ctx.call.dtype or x.dtype)
+        dy = dy.to(a.dtype)
         dW = torch.nn.grad.conv2d_weight(a, weight.shape, dy, stride=s).to(weight.dtype)
         da_s = torch.nn.grad.conv2d_input(a[:, :, ::s, ::s].shape, weight.to(dy.dtype), dy).float()
         da = torch.zeros_like(xhat)
@@ -116,20 +116,27 @@ def _check_weight(name, w, c, device):
 
 
 def _prepare_x(x):
-    """Check x, apply autocast, make it channels-last contiguous. Returns x in the compute dtype."""
+    """Check x and make it channels-last contiguous; returns (x in its own dtype, the compute dtype).
+
+    Under torch.autocast the compute dtype is the autocast dtype, as a conv computes, and x keeps its own:
+    stock autocast runs BatchNorm on the input as it comes and rounds only the conv's input relu(bn(x)),
+    so the statistics, z and the ReLU masks come from x as stored (rounding x first would flip masks)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"bn_relu_conv1x1: x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"bn_relu_conv1x1: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"bn_relu_conv1x1: x must be floating point (float32, float16, bfloat16), got {x.dtype}")
-    x = autocast_dtype(x)
+    dtype = x.dtype
+    kind = x.device.type
+    if (kind == "cuda" or kind == "cpu") and torch.is_autocast_enabled(kind) and dtype in KERNEL_DTYPES:
+        dtype = torch.get_autocast_dtype(kind)
     # Any other layout (NCHW, slices, expanded views) is copied once into channels-last: the kernels
     # read x as a dense [M, C] matrix, so a strided view must never reach them.
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last), dtype
 
 
-def _prepare_residual(residual, x, expected_shape):
+def _prepare_residual(residual, x, expected_shape, dtype):
     if residual is None:
         return None
     if not isinstance(residual, torch.Tensor):
@@ -140,11 +147,11 @@ def _prepare_residual(residual, x, expected_shape):
     if residual.device != x.device:
         raise ValueError(f"bn_relu_conv1x1: residual is on {residual.device} but x is on {x.device}; move them "
                          "to one device")
-    if residual.dtype != x.dtype:
+    if residual.dtype != dtype:
         if torch.is_autocast_enabled(x.device.type) and residual.is_floating_point():
-            residual = residual.to(x.dtype)
+            residual = residual.to(dtype)
         else:
-            raise TypeError(f"bn_relu_conv1x1: residual is {residual.dtype} but the op computes in {x.dtype}; "
+            raise TypeError(f"bn_relu_conv1x1: residual is {residual.dtype} but the op computes in {dtype}; "
                             "cast it (or run under torch.autocast)")
     return residual.contiguous(memory_format=torch.channels_last)
 
@@ -222,16 +229,17 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     next_bn (with output_stats): the BatchNorm2d that consumes y; in training it is finished from y's
     stats in the same launch (rstd, running statistics, num_batches_tracked), and the BNStats returned
     are those it normalises with, which its op then takes as input_stats (nothing is done twice).
-    Under torch.autocast, x (and residual) are cast to the autocast dtype and y is in it.
+    Under torch.autocast, the GEMM operands relu(bn(x)) and W (and the residual) are in the autocast
+    dtype and so is y; x is normalised as it comes.
     Returns y (channels-last), or (y, BNStats) with output_stats.
     """
     stride = _stride_int(stride)
-    x = _prepare_x(x)
+    x, dtype = _prepare_x(x)
     _check_weight("conv_weight", conv_weight, x.shape[1], x.device)
     cout = conv_weight.shape[0]
     check_vec(OP, "conv_bias", conv_bias, cout, x.device)
     y_shape = out_shape(x, cout, stride)
-    residual = _prepare_residual(residual, x, y_shape)
+    residual = _prepare_residual(residual, x, y_shape, dtype)
     if shortcut_grad is not None and not isinstance(shortcut_grad, ShortcutGrad):
         raise TypeError(f"bn_relu_conv1x1: shortcut_grad must be a ShortcutGrad or None, got "
                         f"{type(shortcut_grad).__name__}")
@@ -241,12 +249,12 @@ def bn_relu_conv1x1(x, conv_weight, bn_weight, bn_bias, running_mean=None, runni
     if use_triton(x):
         if torch.compiler.is_compiling():
             shortcut_grad = None  # a graph returns the residual's gradient (see ShortcutGrad)
-        call = Conv1x1Call(stride, 0, bn.stats.batch, bool(output_stats), finish, shortcut_grad)
+        call = Conv1x1Call(stride, 0, bn.stats.batch, bool(output_stats), finish, shortcut_grad, dtype)
         outs = _BNReLUConv1x1Triton.apply(x, conv_weight, bn.gamma, bn.beta, conv_bias, residual, bn.stats, call)
         y = outs[0]
         stats = BNStats(outs[2], outs[3], outs[4] if finish is not None else None) if output_stats else None
     else:
-        call = Conv1x1Call(stride, 0, bn.stats.batch)
+        call = Conv1x1Call(stride, 0, bn.stats.batch, dtype=dtype)
         y = _BNReLUConv1x1Torch.apply(x, conv_weight, bn.gamma, bn.beta, conv_bias, residual, bn.stats, call)
         stats = BNStats(*(t.detach() for t in _torch_batch_stats(y))) if output_stats else None
     if not output_stats:
@@ -267,7 +275,7 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
     """
     stride_a = _stride_int(stride_a, "stride_a")
     stride_b = _stride_int(stride_b, "stride_b")
-    x = _prepare_x(x)
+    x, dtype = _prepare_x(x)
     _check_weight("w_a", w_a, x.shape[1], x.device)
     _check_weight("w_b", w_b, x.shape[1], x.device)
     ca = w_a.shape[0]
@@ -277,24 +285,24 @@ def bn_relu_conv1x1_dual(x, w_a, w_b, bn_weight, bn_bias, running_mean=None, run
     stats_a = None
     if use_triton(x) and stride_a == stride_b:
         w_cat = torch.cat([w_a, w_b.to(w_a.dtype)], dim=0)
-        call = Conv1x1Call(stride_a, ca, bn.stats.batch, bool(output_stats_a), finish)
+        call = Conv1x1Call(stride_a, ca, bn.stats.batch, bool(output_stats_a), finish, dtype=dtype)
         outs = _BNReLUConv1x1Triton.apply(x, w_cat, bn.gamma, bn.beta, None, None, bn.stats, call)
         y_a, y_b = outs[0], outs[1]
         if output_stats_a:
             stats_a = BNStats(outs[2][:ca], outs[3][:ca], outs[4] if finish is not None else None)
     elif use_triton(x):
-        call_a = Conv1x1Call(stride_a, 0, bn.stats.batch, bool(output_stats_a), finish)
+        call_a = Conv1x1Call(stride_a, 0, bn.stats.batch, bool(output_stats_a), finish, dtype=dtype)
         outs = _BNReLUConv1x1Triton.apply(x, w_a, bn.gamma, bn.beta, None, None, bn.stats, call_a)
         y_a = outs[0]
         if output_stats_a:
             stats_a = BNStats(outs[2], outs[3], outs[4] if finish is not None else None)
         y_b = _BNReLUConv1x1Triton.apply(x, w_b, bn.gamma, bn.beta, None, None, bn.stats,
-                                         Conv1x1Call(stride_b, 0, bn.stats.batch))[0]
+                                         Conv1x1Call(stride_b, 0, bn.stats.batch, dtype=dtype))[0]
     else:
         y_a = _BNReLUConv1x1Torch.apply(x, w_a, bn.gamma, bn.beta, None, None, bn.stats,
-                                        Conv1x1Call(stride_a, 0, bn.stats.batch))
+                                        Conv1x1Call(stride_a, 0, bn.stats.batch, dtype=dtype))
         y_b = _BNReLUConv1x1Torch.apply(x, w_b, bn.gamma, bn.beta, None, None, bn.stats,
-                                        Conv1x1Call(stride_b, 0, bn.stats.batch))
+                                        Conv1x1Call(stride_b, 0, bn.stats.batch, dtype=dtype))
         if output_stats_a:
             stats_a = BNStats(*(t.detach() for t in _torch_batch_stats(y_a)))
     if not output_stats_a:

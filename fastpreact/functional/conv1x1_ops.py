@@ -56,6 +56,7 @@ class Conv1x1Call:
     output_stats: bool = False          # also the stats of the output, as stored
     next_bn: Optional[BNFinish] = None  # finished in the same launch (with output_stats)
     shortcut: Optional[ShortcutGrad] = field(default=None, compare=False)
+    dtype: Optional[torch.dtype] = None  # the compute dtype (the GEMM operands and y); None: x's
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,32 +78,24 @@ def forward_impl(x, weight, gamma, beta, stats: BNStats, call: Conv1x1Call, conv
         x, w2d, stats.mean, stats.rstd, gamma, beta, stride=call.stride,
         bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
         residual=residual, n_split=call.split, out_stats=call.output_stats, out_bn=_finish_dict(call.next_bn),
-        poison=poison())
+        out_dtype=call.dtype, poison=poison())
     y, y_b = out if call.split else (out, None)
     return y, y_b, (None if out_stats is None else BNStats(*out_stats))
 
 
 def backward_impl(grads, saved, call: Conv1x1Call, need, add_grad=None):
-    """The backward launches: (dx, dW, dbeta, dgamma), None where not needed; dbeta, dgamma fp32, dW in
-    the weight's dtype. grads: (dy, dy_b or None) channels-last in x's dtype; saved: (x, weight, gamma,
-    beta, mean, rstd); need: (x, weight, BatchNorm parameters); add_grad (x's shape and dtype,
-    channels-last) is added to dx in its pass."""
-    kc = kernels("bn_relu_conv1x1")
+    """The backward launches (two passes, or three where the card's roofline says so: kernels'
+    bn_relu_conv1x1_bwd): (dx, dW, dbeta, dgamma), None where not needed; dbeta, dgamma fp32, dW in the
+    weight's dtype, dx in x's. grads: (dy, dy_b or None) channels-last in the compute dtype; saved: (x,
+    weight, gamma, beta, mean, rstd); need: (x, weight, BatchNorm parameters); add_grad (x's shape and
+    dtype, channels-last) is added to dx in its pass."""
     (dy, dy2), (x, weight, gamma, beta, mean, rstd) = grads, saved
     need_x, need_w, need_bn = need
-    poisoned = poison()
-    dx = dw = dgamma = dbeta = None
-    if need_w:
-        dw = kc.bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=call.stride, dy2=dy2,
-                                       out_dtype=weight.dtype, poison=poisoned).view(weight.shape)
-    if need_x or need_bn:
-        w2d = weight.reshape(weight.shape[0], -1).contiguous()
-        dz, dbeta, dgamma = kc.bn_relu_conv1x1_bwd_dz(dy, w2d, x, mean, rstd, gamma, beta, stride=call.stride,
-                                                      dy2=dy2, poison=poisoned)
-        if need_x:
-            dx = kc.bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, stride=call.stride,
-                                           batch_stats=call.batch, add_grad=add_grad, poison=poisoned)
-    return dx, dw, dbeta, dgamma
+    w2d = weight.reshape(weight.shape[0], -1).contiguous()
+    dx, dw, dbeta, dgamma = kernels("bn_relu_conv1x1").bn_relu_conv1x1_bwd(
+        x, dy, w2d, mean, rstd, gamma, beta, stride=call.stride, dy2=dy2, batch_stats=call.batch, need_x=need_x,
+        need_w=need_w, need_bn=need_bn, add_grad=add_grad, poison=poison())
+    return dx, (None if dw is None else dw.view(weight.shape)), dbeta, dgamma
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,12 +110,12 @@ def _forward_op(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Te
                 conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: int, split: int, batch: bool,
                 output_stats: bool, next_running_mean: Optional[Tensor], next_running_var: Optional[Tensor],
                 next_num_batches_tracked: Optional[Tensor], next_momentum: Optional[float],
-                next_eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                next_eps: Optional[float], dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, y_b, mean, var, rstd): y_b the second conv's output when split > 0; the output's stats when
     output_stats, finished (rstd) when next_eps is given; an empty tensor for each one not computed."""
     next_bn = None if next_eps is None else BNFinish(next_running_mean, next_running_var,
                                                      next_num_batches_tracked, next_momentum, next_eps)
-    call = Conv1x1Call(stride, split, batch, output_stats, next_bn)
+    call = Conv1x1Call(stride, split, batch, output_stats, next_bn, dtype=dtype)
     stats = BNStats(mean, None, rstd, batch)  # the forward normalises with mean and rstd only
     y, y_b, out = forward_impl(x, weight, gamma, beta, stats, call, conv_bias, residual)
     return _flat_outputs(y, y_b, out, mean)
@@ -136,12 +129,13 @@ def _flat_outputs(y, y_b, out_stats, like):
 
 @_forward_op.register_fake
 def _(x, weight, gamma, beta, mean, rstd, conv_bias, residual, stride, split, batch, output_stats,
-      next_running_mean, next_running_var, next_num_batches_tracked, next_momentum, next_eps):
+      next_running_mean, next_running_var, next_num_batches_tracked, next_momentum, next_eps, dtype):
     cout = weight.shape[0]
     first = split or cout
 
     def like(c):
-        return x.new_empty(out_shape(x, c, stride)).contiguous(memory_format=torch.channels_last)
+        return x.new_empty(out_shape(x, c, stride), dtype=dtype or x.dtype).contiguous(
+            memory_format=torch.channels_last)
     k = cout if output_stats else 0
     return (like(first), like(cout - split) if split else no_tensor(mean), mean.new_empty((k,)),
             mean.new_empty((k,)), mean.new_empty((first if next_eps is not None else 0,)))
@@ -185,7 +179,7 @@ def _forward(x, weight, gamma, beta, stats, call, conv_bias, residual):
     nb = call.next_bn or BNFinish(None, None, None, None, None)
     return torch.ops.fastpreact.bn_relu_conv1x1(
         x, weight, gamma, beta, stats.mean, stats.rstd, conv_bias, residual, call.stride, call.split, call.batch,
-        call.output_stats, *nb)
+        call.output_stats, *nb, call.dtype)
 
 
 def _backward(grads, saved, call, need, add_grad):
@@ -214,12 +208,14 @@ def _link_shortcut(ctx, shortcut, x, residual):
         ctx.shortcut = shortcut
 
 
-def _grad_in(g, x, channels, stride):
-    """An output's gradient as the kernels take it: x's dtype, channels-last contiguous; None (the output
-    does not reach the loss) is 0."""
+def _grad_in(g, x, channels, call):
+    """An output's gradient as the kernels take it: the compute dtype, channels-last contiguous; None (the
+    output does not reach the loss) is 0."""
+    dtype = call.dtype or x.dtype
     if g is None:
-        return x.new_zeros(out_shape(x, channels, stride)).contiguous(memory_format=torch.channels_last)
-    return g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        return x.new_zeros(out_shape(x, channels, call.stride), dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+    return g.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 class _BNReLUConv1x1Triton(torch.autograd.Function):
@@ -247,8 +243,8 @@ class _BNReLUConv1x1Triton(torch.autograd.Function):
         if dy is None and (dy_b is None or not call.split):  # no output reaches the loss
             return (None,) * 8
         cout = weight.shape[0]
-        dy = _grad_in(dy, x, call.split or cout, call.stride)
-        dy_b = _grad_in(dy_b, x, cout - call.split, call.stride) if call.split else None
+        dy = _grad_in(dy, x, call.split or cout, call)
+        dy_b = _grad_in(dy_b, x, cout - call.split, call) if call.split else None
         need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
         shortcut_grad = None
         if ctx.shortcut is not None and not ctx.has_residual:  # the identity shortcut's gradient, if sent

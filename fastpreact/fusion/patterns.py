@@ -113,8 +113,7 @@ def _dual_with_conv_bias(x, bn, conv_a, conv_b):
     Each call's backward is the full BN backward of its own dz, and BN's backward is linear in dz, so
     the two dx sum to the exact gradient.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))  # statistics of x as the op will see it
+    # The op normalises x as it comes (autocast rounds only the GEMM operands), so the stats are x's own.
     stats = Fp.bn_stats(bn, x.contiguous(memory_format=torch.channels_last))  # finishes the BatchNorm once
     shared = Fp.bn_args(bn, shared_stats=stats)
     return tuple(Fp.bn_relu_conv1x1(x, conv.weight, **shared, stride=conv.stride[0], conv_bias=conv.bias)

@@ -1,312 +1,171 @@
-"""The fused 1x1 backward, three launches: dW (pre-activation recomputed in the prologue), dz with the
-BatchNorm sums (dbeta, dgamma) in its epilogue, and the elementwise dx pass.
+"""The fused 1x1 backward: one entry point, bn_relu_conv1x1_bwd, which runs two passes (two_pass.py) or,
+where recomputing dz would cost more than storing it, three (three_pass.py).
 
-Backward (xhat = (x - mean) * rstd, Mb = M_in rows of the BN batch):
-    dW    = a[rows]^T @ dy                       (a = relu(z) recomputed from x; split over M)
-    dz    = (dy @ W) * [z > 0]                   at the sampled rows; 0 at rows a stride-2 conv skips
-    dbeta = sum_rows dz,  dgamma = sum_rows dz * xhat          (epilogue of the dz GEMM, two-stage)
-    dx    = scale * (dz - dbeta / Mb - xhat * dgamma / Mb)    (batch statistics; eval: scale * dz)
+Backward (xhat = (x - mean) * rstd, M_in = the BatchNorm's rows, r(m) the input row of output row m):
+    dW    = a[rows]^T @ dy                      a = relu(z) recomputed from x, rounded to the compute dtype
+    dz    = (dy @ W) * [z > 0]                  at the sampled rows; 0 at rows a stride-2 conv skips
+    dbeta = sum_rows dz,  dgamma = sum_rows dz * xhat
+    dx    = scale * (dz - dbeta / M_in - xhat * dgamma / M_in)    (batch statistics; eval: scale * dz)
           [+ a gradient already flowing into x, e.g. through an identity shortcut]
+dx needs the sums, which need all of dz: something must either store dz or compute it twice.
 
-Cost per call (M output rows, Mi input rows, K = C_in, N = C_out, e bytes per element): dW 2*M*K*N and
-dz 2*M*K*N FLOPs; bytes ~ e*(M*K + M*N) [dW] + e*(M*N + N*K + 2*M*K) [dz: reads dy, W, x; writes dz]
-+ e*(2*Mi*K + M*K) [dx: reads x, dz, writes dx (+ Mi*K if accumulating)].
+Two passes (the default), e = element bytes (x and dy alike), stride 1:
+  1. reduce: per (row split, N tile, K tile): dW's partial a^T dy and the sums' partials from dz
+     recomputed as (dy_ntile @ W_ntile) * mask (both sums are linear in dz, so N tiles add up); the last
+     program merges (dW in w_dtype, dbeta, dgamma fp32). Reads x, dy, W.          4MKN FLOPs
+  2. dgrad: per (M tile, K tile): dz = (dy @ W) * mask again, dx from it and the sums; the program of
+     an output row also writes the input rows a stride-2 conv skips. Reads dy, W, x; writes dx. 2MKN FLOPs
+  e(3MK + 2MN + 2NK) bytes and 6MKN FLOPs per call, against e(6MK + 2MN + 2NK) and 4MKN for three passes
+  (dW: x, dy; dz: dy, W, x, writes dz; dx: x, dz, writes dx). At stride 2 the rows the conv skips are
+  read and written by the dx pass only: 2 * M_in * K of the bytes either way.
+Where only the sums, only dW or only dx are needed the trade does not arise (nothing is computed
+twice): one or two passes, never three.
+
+When three passes. The trade is 2MKN FLOPs against (ex + 2e)MK bytes (x read once more, dz written and
+read back; ex: x's element size). By a per-launch roofline, t(launch) = max(FLOPs / R, bytes / B) with R
+the card's dense tensor-core rate in the compute dtype and B its copy bandwidth, the launcher takes three
+passes where their predicted time is below two passes' (backward_passes: a function of M, M_in, K, N,
+the element sizes, what is needed and the card's ridge point R / B), with the third launch's boundary
+counted as 4 MB moved (LAUNCH_BYTES, ~1.4 us on an H100), so small shapes keep two. The fp32 partials
+and the host's launch cost are left out (the host runs ahead of the GPU in a large step). With the cost
+model's H100 (800 TFLOP/s bf16, 3.0 TB/s: ridge 267 FLOP/byte, fastpreact/cost/roofline.py), bf16
+activations and fp32 weights, the reduce pass (4MKN FLOPs) turns compute-bound only where both K and N
+are large and M is small, i.e. in the last stages of the ImageNet nets. Predicted us per call (launch
+boundary not included), two passes / three [chosen]:
+    ResNet-200, -50:   512->2048  7x7            24.6 / 19.6 [3]
+                       1024->2048 s2 14x14 proj  57.0 / 52.1 [3]
+                       512->1024  s2 28x28 proj  76.4 / 72.8 [3]
+                       2048->512  7x7 (+ dx add) 31.7 / 36.4 [2]
+                       256->1024  14x14          29.6 / 30.7 [2]
+                       256->64    56x56 (+ add) 154.2 / 256.9 [2]
+  Sums over a step's 1x1 backward calls (ms): ResNet-200 6.93 two-pass only, 9.66 three-pass only,
+  6.91 with the rule; ResNet-50 2.21 / 3.02 / 2.18; ResNet-164 and -1001 (CIFAR, K, N <= 256): always
+  two (1.31 / 1.96, 7.92 / 11.98).
+Ridge points per card (RIDGE): 16-bit dense tensor-core FLOP/s over ~90% of the datasheet bandwidth;
+TF32 halves the rate, IEEE fp32 (no tensor cores) divides it by 16. The interpreter takes the H100's,
+so the CPU tests and the cost model see the decisions an H100 takes.
+
+FASTPREACT_BACKWARD_PASSES=2 or 3 in the environment forces one path for every call (to time both on a
+card, or to compile the three-pass kernels from small shapes).
+
+Launchers: bn_relu_conv1x1_bwd (the whole backward) and, public for the three-pass path and for tests,
+bn_relu_conv1x1_bwd_dw / _dz / _dx (three_pass.py).
 """
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
+import os
 
-from ..batch_stats import _take_last_ticket
 from ..cards import card_of
-from ..configs import dw_rows_per_split, min_param, tiles
-from ..tickets import tickets
-from ..tuning import TunedKernel, launch
-from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _load_rows_cols, _mma, _sum_partials,
-                     dot_precision, empty, out_size)
+from .common import dot_precision, out_size
+from .three_pass import bn_relu_conv1x1_bwd_dw, bn_relu_conv1x1_bwd_dx, bn_relu_conv1x1_bwd_dz
+from .two_pass import dgrad, reduce_rows
 
-__all__ = ["bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_bwd_dx"]
+__all__ = ["bn_relu_conv1x1_bwd", "backward_passes", "RIDGE", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz",
+           "bn_relu_conv1x1_bwd_dx"]
 
-
-# ---------------------------------------------------------------------------------------------------
-# Backward, weight gradient:  dW[n, k] = sum_m dy[m, n] * relu(z[r(m), k])
-# The pre-activation is recomputed from x in the prologue (never stored). The reduction over M (up to
-# ~200k rows against a weight of a few hundred KB) is split into contiguous row ranges, one per grid
-# column, each writing an fp32 partial dW; the last split of each (N, K) tile to finish (atomic ticket)
-# sums the tile's partials in split order (deterministic) and stores dW in the parameter's dtype.
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def _bn_relu_conv1x1_bwd_dw_kernel(
-    x_ptr,            # [M_in, K] input rows, compute dtype
-    mean_ptr,         # [K] fp32 BN mean used in forward
-    rstd_ptr,         # [K] fp32
-    gamma_ptr,        # [K] fp32
-    beta_ptr,         # [K] fp32
-    dy_ptr,           # [M, N] gradient of y; with SPLIT_OUT [M, n_split]
-    dy2_ptr,          # [M, N - n_split] gradient of the second output with SPLIT_OUT (else unused)
-    dw_part_ptr,      # [num_splits, N, K] fp32 partial weight gradients (unused with one split)
-    dw_ptr,           # [N, K] out: the weight gradient, in its dtype (the parameter's)
-    ticket_ptr,       # [tiles] int32 tickets at 0, one per (N, K) tile (unused with one split)
-    M, K, N,          # output rows, input channels, output channels
-    H, W, Ho, Wo,     # spatial sizes for the row gather
-    n_split,          # columns of the first output when SPLIT_OUT
-    rows_per_split,   # rows of the reduction handled by one grid column
-    STRIDE: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid // num_pid_k
-    pid_k = pid % num_pid_k
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
-    k_ok = offs_k < K
-    mean, scale, beta = _bn_coeffs(offs_k, k_ok, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    m_start = pid_s * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_end
-        in_rows = _input_rows(tl.where(m_ok, offs_m, 0), H, W, Ho, Wo, STRIDE).to(tl.int64)
-        xt = tl.load(x_ptr + in_rows[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        a = tl.maximum(_bn_apply(xt, mean, scale, beta), 0.0)
-        a = tl.where(m_ok[:, None], a, 0.0).to(x_ptr.dtype.element_ty)
-        dyt = _load_rows_cols(dy_ptr, dy2_ptr, offs_m.to(tl.int64), offs_n, m_ok, n_ok, n_split, N, SPLIT_OUT)
-        acc = _mma(tl.trans(dyt.to(x_ptr.dtype.element_ty)), a, acc, DOT_PRECISION)
-
-    tile = offs_n[:, None] * K + offs_k[None, :]
-    tile_ok = n_ok[:, None] & k_ok[None, :]
-    num_splits = tl.num_programs(1)
-    if num_splits == 1:
-        tl.store(dw_ptr + tile, acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
-    else:
-        tl.store(dw_part_ptr + pid_s.to(tl.int64) * N * K + tile, acc, mask=tile_ok)
-        if _take_last_ticket(ticket_ptr + pid, num_splits):
-            total = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for s in range(0, num_splits):
-                total += tl.load(dw_part_ptr + s * N * K + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
-            tl.store(dw_ptr + tile, total.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+# Dense 16-bit tensor-core FLOP/s (fp32 accumulation) over ~90% of the DRAM datasheet bandwidth, FLOP per
+# byte, by architecture: A100 312 T / 1.84 TB/s; L40S, L4, RTX 6000 Ada ~440 (an RTX 4090 ~180); H100 the
+# cost model's 800 T / 3.0 TB/s; B200 2250 T / 7.2 TB/s; RTX 5090 210 T / 1.6 TB/s. Others: by family.
+RIDGE = {80: 170.0, 89: 440.0, 90: 267.0, 100: 312.0, 120: 130.0}
+# A kernel boundary (the grid's drain and ramp-up, ~1-2 us), in bytes moved (~1.4 us at an H100's 3 TB/s):
+# three passes make one launch more, which small shapes do not earn back.
+LAUNCH_BYTES = 4 << 20
+_RIDGE_BY_FAMILY = {"ampere": 170.0, "small": 300.0, "hopper": 267.0, "interpreter": 267.0}
+_RATE_BY_PRECISION = {"16-bit": 1.0, "tf32": 0.5, "ieee": 1.0 / 16}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Backward, gradient at the pre-activation (at the sampled rows m, input row r(m)):
-#   da[m, k] = sum_n dy[m, n] * W[n, k];   dz = da * [z > 0]   (the forward's own z, _bn_apply)
-# Epilogue: per tile of BLOCK_M rows, partial sums of dz and dz * xhat per column (xhat = (x-mean)*rstd);
-# the last row tile of each column block to finish (atomic ticket) sums the block's partials in a fixed
-# order: dbeta = sum dz, dgamma = sum dz * xhat. Rows a stride-2
-# conv skips have dz = 0 and contribute nothing to either sum. dz is stored in the compute dtype.
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def _bn_relu_conv1x1_bwd_dz_kernel(
-    dy_ptr,           # [M, N] gradient of y; with SPLIT_OUT [M, n_split]
-    dy2_ptr,          # [M, N - n_split] gradient of the second output with SPLIT_OUT (else unused)
-    w_ptr,            # [N, K] conv weight, compute dtype
-    x_ptr,            # [M_in, K] input rows, compute dtype
-    mean_ptr,         # [K] fp32 mean used in forward
-    rstd_ptr,         # [K] fp32 1/sqrt(var + eps) used in forward
-    gamma_ptr,        # [K] fp32
-    beta_ptr,         # [K] fp32
-    dz_ptr,           # [M, K] out: dz at the sampled rows, compute dtype
-    part_dbeta_ptr,   # [cdiv(M, BLOCK_M), K] fp32 per-tile sum of dz
-    part_dgamma_ptr,  # [cdiv(M, BLOCK_M), K] fp32 per-tile sum of dz * xhat
-    dbeta_ptr,        # [K] fp32 out: sum of dz
-    dgamma_ptr,       # [K] fp32 out: sum of dz * xhat
-    ticket_ptr,       # [cdiv(K, BLOCK_K)] int32 tickets at 0
-    M, K, N,          # output rows, input channels, output channels
-    H, W, Ho, Wo,     # spatial sizes for the row gather
-    n_split,          # columns of the first output when SPLIT_OUT
-    STRIDE: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(K, BLOCK_K), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    k_ok = offs_k < K
-    rows64 = offs_m.to(tl.int64)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + offs_n
-        n_ok = ns < N
-        dyt = _load_rows_cols(dy_ptr, dy2_ptr, rows64, ns, m_ok, n_ok, n_split, N, SPLIT_OUT)
-        wt = tl.load(w_ptr + ns.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        acc = _mma(dyt.to(x_ptr.dtype.element_ty), wt.to(x_ptr.dtype.element_ty), acc, DOT_PRECISION)
-
-    mask = m_ok[:, None] & k_ok[None, :]
-    in_rows = _input_rows(tl.where(m_ok, offs_m, 0), H, W, Ho, Wo, STRIDE).to(tl.int64)
-    x = tl.load(x_ptr + in_rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean, scale, beta = _bn_coeffs(offs_k, k_ok, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
-    rstd = tl.load(rstd_ptr + offs_k, mask=k_ok, other=0.0)
-    z = _bn_apply(x, mean, scale, beta)  # exactly the forward's z
-    dz = tl.where(mask & (z > 0.0), acc, 0.0)
-    tl.store(dz_ptr + rows64[:, None] * K + offs_k[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    xhat = (x - mean[None, :]) * rstd[None, :]
-    tl.store(part_dbeta_ptr + pid_m * K + offs_k, tl.sum(dz, axis=0), mask=k_ok)
-    tl.store(part_dgamma_ptr + pid_m * K + offs_k, tl.sum(dz * xhat, axis=0), mask=k_ok)
-    if _take_last_ticket(ticket_ptr + pid_k, num_pid_m):
-        _sum_partials(part_dbeta_ptr, part_dgamma_ptr, dbeta_ptr, dgamma_ptr, offs_k, k_ok, num_pid_m, K,
-                      8, BLOCK_K)
+def _ridge(card, dtype):
+    ridge = RIDGE.get(card.arch) or _RIDGE_BY_FAMILY.get(card.family, 267.0)
+    precision = "16-bit" if dtype.itemsize == 2 else dot_precision(dtype)
+    return ridge * _RATE_BY_PRECISION[precision]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Backward, input gradient (elementwise over all M_in input rows; dz read at the row's output position,
-# 0 where a stride-2 conv skipped the row):
-#   batch statistics:  dx = scale * (dz - dbeta / Mb - xhat * dgamma / Mb),  xhat = (x - mean) * rstd
-#   running statistics (eval): dx = scale * dz
-#   ACCUMULATE: dx += dx_in (a gradient already flowing into x, e.g. an identity shortcut's).
-# out may alias dz (stride 1) or dx_in: every element is read and written by the same program.
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def _bn_relu_conv1x1_bwd_dx_kernel(
-    x_ptr,            # [M_in, K] input rows, compute dtype
-    dz_ptr,           # [M, K] dz at the sampled rows
-    mean_ptr,         # [K] fp32
-    rstd_ptr,         # [K] fp32
-    gamma_ptr,        # [K] fp32 (scale = gamma * rstd)
-    dbeta_ptr,        # [K] fp32 sum of dz
-    dgamma_ptr,       # [K] fp32 sum of dz * xhat
-    dx_in_ptr,        # [M_in, K] gradient to accumulate into (unused unless ACCUMULATE)
-    dx_ptr,           # [M_in, K] out
-    M_in, K,          # input rows, channels
-    H, W, Ho, Wo,     # spatial sizes (stride-2 scatter)
-    inv_count,        # 1 / Mb
-    STRIDE: tl.constexpr, BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < M_in
-    col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
-    if STRIDE == 1:
-        sampled = row_ok
-        dz_rows = rows64
-    else:
-        n_img = rows // (H * W)
-        rem = rows - n_img * (H * W)
-        h = rem // W
-        w = rem - h * W
-        sampled = row_ok & (h % STRIDE == 0) & (w % STRIDE == 0)
-        dz_rows = (n_img * (Ho * Wo) + (h // STRIDE) * Wo + w // STRIDE).to(tl.int64)
-    dz = tl.load(dz_ptr + dz_rows[:, None] * K + cols[None, :], mask=sampled[:, None] & col_ok[None, :],
-                 other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
-    sc = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0) * rstd
-    if BATCH_STATS:
-        x = tl.load(x_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-        dbeta = tl.load(dbeta_ptr + cols, mask=col_ok, other=0.0)
-        dgamma = tl.load(dgamma_ptr + cols, mask=col_ok, other=0.0)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        dx = sc[None, :] * (dz - (dbeta * inv_count)[None, :] - xhat * (dgamma * inv_count)[None, :])
-    else:
-        dx = sc[None, :] * dz
-    if ACCUMULATE:
-        dx += tl.load(dx_in_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + rows64[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+def backward_passes(M, M_in, K, N, *, x_bytes, e, w_bytes, card, dtype, need_w=True, accumulate=False):
+    """2 or 3: the passes of a backward that needs dx and the BatchNorm sums, whichever the per-launch
+    roofline predicts faster on `card` (see the module docstring). M / M_in: output / input rows; x_bytes,
+    e, w_bytes: element sizes of x, dy (the compute dtype `dtype`) and W; accumulate: dx adds a gradient."""
+    ridge = _ridge(card, dtype)
+    gemm = 2.0 * M * K * N
+
+    def t(flops, nbytes):  # a launch's time in bytes at the card's bandwidth
+        return max(flops / ridge, nbytes)
+    dx_bytes = x_bytes * M_in * K * (2 + accumulate)
+    two = (t(gemm * (1 + need_w), x_bytes * M * K + e * M * N + w_bytes * N * K * (1 + need_w))
+           + t(gemm, e * M * N + w_bytes * N * K + dx_bytes))
+    three = (t(gemm, x_bytes * M * K + e * M * N + w_bytes * N * K) if need_w else 0.0) \
+        + t(gemm, e * M * N + w_bytes * N * K + x_bytes * M * K + e * M * K) + dx_bytes + e * M * K
+    return 2 if two <= three + LAUNCH_BYTES else 3
 
 
-DW = TunedKernel(_bn_relu_conv1x1_bwd_dw_kernel, "bn_relu_conv1x1_bwd_dw")
-DZ = TunedKernel(_bn_relu_conv1x1_bwd_dz_kernel, "bn_relu_conv1x1_bwd_dz")
+def forced_passes():
+    """2 or 3 when FASTPREACT_BACKWARD_PASSES says so (to time or compile both paths on any shape), else
+    None: the rule decides."""
+    value = os.environ.get("FASTPREACT_BACKWARD_PASSES")
+    return int(value) if value in ("2", "3") else None
 
 
-def bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, *, stride=1, dy2=None, out_dtype=torch.float32,
-                           poison=False):
-    """dW [Cout, K] = relu(z)[rows]^T @ dy in out_dtype (dy2: second output's gradient, dual), in one
-    launch: fp32 accumulation, the split partials summed in-kernel, rounded once to out_dtype."""
-    Nb, K, H, W = x.shape
-    Ho, Wo = out_size(H, stride), out_size(W, stride)
-    n_split = dy.shape[1] if dy2 is not None else 0
-    Cout = dy.shape[1] + (dy2.shape[1] if dy2 is not None else 0)
-    M = Nb * Ho * Wo
-    dev = x.device
-    card = card_of(dev)
-    rows_per_split = dw_rows_per_split(M, K, Cout, card)
-    splits = triton.cdiv(M, rows_per_split)
-    dw = empty((Cout, K), out_dtype, dev, poison)
-    if splits > 1:
-        part = empty((splits, Cout, K), torch.float32, dev, poison)
-        ticket = tickets(dev, triton.cdiv(Cout, min_param(DW.name, card, "BLOCK_N"))
-                         * triton.cdiv(K, min_param(DW.name, card, "BLOCK_K")))
-    else:
-        part = ticket = dw  # never touched with one split
+def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, dy2=None, batch_stats=True,
+                        need_x=True, need_w=True, need_bn=True, add_grad=None, accumulate_into=None, w_dtype=None,
+                        passes=None, poison=False):
+    """The backward of y = relu((x - mean) * gamma * rstd + beta) (*) weight2d: (dx, dW, dbeta, dgamma),
+    None for each one not needed.
 
-    def grid(tile):
-        return (triton.cdiv(Cout, tile["BLOCK_N"]) * triton.cdiv(K, tile["BLOCK_K"]), splits)
-
-    args = (x, mean, rstd, gamma, beta, dy, dy2 if dy2 is not None else dy, part, dw, ticket,
-            M, K, Cout, H, W, Ho, Wo, n_split, rows_per_split)
-    DW.run(grid, args, card=card, device=dev, dtype=x.dtype,
-           STRIDE=stride, SPLIT_OUT=dy2 is not None, DOT_PRECISION=dot_precision(x.dtype))
-    return dw
-
-
-def bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, *, stride=1, dy2=None, poison=False):
-    """dz [N, K, Ho, Wo] channels-last (compute dtype) at the sampled rows, and (dbeta, dgamma) fp32 [K],
-    in one launch (weight2d of any float dtype, rounded to x's as it is loaded)."""
-    Nb, K, H, W = x.shape
-    Ho, Wo = out_size(H, stride), out_size(W, stride)
-    n_split = dy.shape[1] if dy2 is not None else 0
-    Cout = weight2d.shape[0]
-    M = Nb * Ho * Wo
-    dev = x.device
-    card = card_of(dev)
-    dz = empty((Nb, K, Ho, Wo), x.dtype, dev, poison, channels_last=True)
-    max_blocks = triton.cdiv(M, min_param(DZ.name, card, "BLOCK_M"))
-    parts = empty((2, max_blocks, K), torch.float32, dev, poison)
-    sums = empty((2, K), torch.float32, dev, poison)
-
-    def grid(tile):
-        return (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(K, tile["BLOCK_K"]),)
-
-    args = (dy, dy2 if dy2 is not None else dy, weight2d, x, mean, rstd, gamma, beta, dz,
-            parts[0], parts[1], sums[0], sums[1], tickets(dev, triton.cdiv(K, min_param(DZ.name, card, "BLOCK_K"))),
-            M, K, Cout, H, W, Ho, Wo, n_split)
-    DZ.run(grid, args, card=card, device=dev, dtype=x.dtype,
-           STRIDE=stride, SPLIT_OUT=dy2 is not None, DOT_PRECISION=dot_precision(x.dtype))
-    return dz, sums[0], sums[1]
-
-
-def bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, *, stride=1, batch_stats=True,
-                           accumulate_into=None, add_grad=None, poison=False):
-    """dx [N, K, H, W] channels-last in x's dtype from dz and the BN sums (see the kernel's comment).
-
-    accumulate_into: a channels-last contiguous gradient of x's shape to ADD dx into, in place (the
-    identity shortcut's gradient); it is returned. add_grad: the same addend, read only: dx + add_grad is
-    written where dx would be. Otherwise dx is written over dz when stride == 1 (dz is dead afterwards)
-    or into a new tensor.
+    x: [N, K, H, W] channels-last contiguous, its own dtype (fp32, fp16, bf16); dy: [N, Cout, Ho, Wo]
+    channels-last contiguous in the compute dtype (the forward's out_dtype), or with dy2 (a dual op's two
+    outputs: dy's channels first) [N, n_split, Ho, Wo] and [N, Cout - n_split, Ho, Wo]; weight2d: [Cout, K]
+    contiguous, any float dtype (rounded to the compute dtype as it is loaded); mean, rstd, gamma, beta:
+    [K] fp32 contiguous (the statistics the forward normalised with).
+    batch_stats: the forward used batch statistics (dx through mean and rstd), else running ones.
+    need_x / need_w / need_bn: which gradients to compute (dbeta and dgamma come together).
+    add_grad: a gradient of x's shape and dtype (channels-last) added to dx (read only);
+    accumulate_into: the same, but dx is added into it in place and it is returned as dx.
+    w_dtype: dW's dtype (default weight2d's). passes: 2 or 3 to force a path (tests); None: the rule, or
+    the environment's FASTPREACT_BACKWARD_PASSES (2 or 3) where set.
+    Returns dx (x's dtype, channels-last), dW ([Cout, K], w_dtype), dbeta and dgamma (fp32 [K], two rows
+    of one [2, K] buffer).
     """
-    Nb, K, H, W = x.shape
-    Ho, Wo = out_size(H, stride), out_size(W, stride)
-    M_in = Nb * H * W
-    if accumulate_into is not None and add_grad is not None:
-        raise ValueError("bn_relu_conv1x1_bwd_dx: give accumulate_into or add_grad, not both")
-    addend = accumulate_into if accumulate_into is not None else add_grad
-    if addend is not None and (addend.shape != x.shape or addend.dtype != x.dtype
-                               or not addend.is_contiguous(memory_format=torch.channels_last)):
-        name = "accumulate_into" if accumulate_into is not None else "add_grad"
-        raise ValueError(f"bn_relu_conv1x1_bwd_dx: {name} must be a channels-last contiguous {x.dtype} tensor "
-                         f"of shape {tuple(x.shape)}, got {addend.dtype} {tuple(addend.shape)}")
-    if accumulate_into is not None:
-        out = accumulate_into
-    elif stride == 1 and dz.dtype == x.dtype and not poison:
-        out = dz
+    need_sums = need_bn or (need_x and batch_stats)
+    w_dtype = weight2d.dtype if w_dtype is None else w_dtype
+    _check(x, dy, dy2, need_x, add_grad, accumulate_into)
+    if passes is None:
+        passes = forced_passes()
+    if passes is None:
+        passes = 2
+        if need_x and need_sums:
+            Nb, K, H, W = x.shape
+            M = Nb * out_size(H, stride) * out_size(W, stride)
+            passes = backward_passes(M, Nb * H * W, K, weight2d.shape[0], x_bytes=x.element_size(),
+                                     e=dy.element_size(), w_bytes=weight2d.element_size(), card=card_of(x.device),
+                                     dtype=dy.dtype, need_w=need_w,
+                                     accumulate=add_grad is not None or accumulate_into is not None)
+    if passes not in (2, 3):
+        raise ValueError(f"bn_relu_conv1x1_bwd: passes must be 2, 3 or None, got {passes!r}")
+    dx = dw = sums = None
+    if passes == 3 and need_x and need_sums:
+        if need_w:
+            dw = bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=stride, dy2=dy2, out_dtype=w_dtype,
+                                        poison=poison)
+        dz, dbeta, dgamma = bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, stride=stride, dy2=dy2,
+                                                   poison=poison)
+        sums = (dbeta, dgamma)  # rows of one [2, K] buffer, as the two-pass path's
+        dx = bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, stride=stride, batch_stats=batch_stats,
+                                    add_grad=add_grad, accumulate_into=accumulate_into, poison=poison)
     else:
-        out = empty(tuple(x.shape), x.dtype, x.device, poison, channels_last=True)
-    tile = tiles("bn_relu_conv1x1_bwd_dx", card_of(x.device))
-    grid = (triton.cdiv(M_in, tile["BLOCK_M"]), triton.cdiv(K, tile["BLOCK_K"]))
-    launch(_bn_relu_conv1x1_bwd_dx_kernel, grid,
-           (x, dz, mean, rstd, gamma, dbeta, dgamma, out if addend is None else addend, out, M_in, K, H, W, Ho, Wo,
-            1.0 / M_in), x.device, STRIDE=stride, BATCH_STATS=batch_stats, ACCUMULATE=addend is not None, **tile)
-    return out
+        if need_w or need_sums:
+            dw, sums = reduce_rows(x, dy, dy2, weight2d if need_sums else None, mean, rstd, gamma, beta,
+                                   stride=stride, w_dtype=w_dtype, need_w=need_w, need_sums=need_sums, poison=poison)
+        if need_x:
+            dx = dgrad(x, dy, dy2, weight2d, mean, rstd, gamma, beta, sums, stride=stride, batch_stats=batch_stats,
+                       add_grad=add_grad, accumulate_into=accumulate_into, poison=poison)
+    if need_bn:
+        return dx, dw, sums[0], sums[1]
+    return dx, dw, None, None
+
+
+def _check(x, dy, dy2, need_x, add_grad, accumulate_into):
+    if dy2 is not None and dy2.dtype != dy.dtype:
+        raise TypeError(f"bn_relu_conv1x1_bwd: dy2 must have dy's dtype {dy.dtype}, got {dy2.dtype}")
+    if not (x.is_floating_point() and dy.is_floating_point()):
+        raise TypeError("bn_relu_conv1x1_bwd: x and dy must be floating point")
+    if (add_grad is not None or accumulate_into is not None) and not need_x:
+        raise ValueError("bn_relu_conv1x1_bwd: add_grad / accumulate_into are added to dx: they need need_x=True")

@@ -127,3 +127,22 @@ def dot_precision(dtype):
 def out_size(size, stride):
     """Spatial output size of a 1x1 conv without padding."""
     return (size - 1) // stride + 1
+
+
+def tune_dtype(x_dtype, compute_dtype):
+    """The dtype a tuned launch is keyed and its tiles' shared memory estimated on: the compute dtype, or
+    x's where x is wider (an fp32 input under 16-bit autocast: its tiles are loaded at 4 bytes)."""
+    return x_dtype if x_dtype.itemsize > compute_dtype.itemsize else compute_dtype
+
+
+def check_addend(who, x, add_grad, accumulate_into):
+    """The gradient to add to dx (accumulate_into: in place; add_grad: read only), checked; or None."""
+    if accumulate_into is not None and add_grad is not None:
+        raise ValueError(f"{who}: give accumulate_into or add_grad, not both")
+    addend = accumulate_into if accumulate_into is not None else add_grad
+    if addend is not None and (addend.shape != x.shape or addend.dtype != x.dtype
+                               or not addend.is_contiguous(memory_format=torch.channels_last)):
+        name = "accumulate_into" if accumulate_into is not None else "add_grad"
+        raise ValueError(f"{who}: {name} must be a channels-last contiguous {x.dtype} tensor "
+                         f"of shape {tuple(x.shape)}, got {addend.dtype} {tuple(addend.shape)}")
+    return addend

@@ -2,7 +2,8 @@
 (the next BatchNorm's) in the epilogue, and that BatchNorm finished by the last program.
 
 Cost per call (M output rows, K = C_in, N = C_out, e bytes per element): 2*M*K*N FLOPs;
-bytes ~ e*(M*K + N*K + M*N [+ M*N residual]) (+ the tiny per-tile statistics partials).
+bytes ~ e*(M*K + N*K + M*N [+ M*N residual]) (+ the tiny per-tile statistics partials); x at its own
+element size, the rest at the compute dtype's (W at its own).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from ..batch_stats import _bn_finish, _count_batch, _merge_chunks, _running_args
 from ..cards import card_of
 from ..configs import min_param
 from ..tickets import tickets
-from ..tuning import TunedKernel
-from .common import _bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _mma, dot_precision, empty, out_size
+from ..tuning import TunedKernel, cdiv
+from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _mma, dot_precision, empty, out_size,
+                     tune_dtype)
 
 __all__ = ["bn_relu_conv1x1_fwd"]
 
@@ -23,24 +25,25 @@ __all__ = ["bn_relu_conv1x1_fwd"]
 # ---------------------------------------------------------------------------------------------------
 # Forward:  y[m, n] = sum_k relu(z[r(m), k]) * W[n, k]  (+ bias[n]) (+ res[m, n]),
 #           z = (x - mean) * gamma * rstd + beta  (_bn_apply)
-# with fp32 accumulation, r(m) the strided row gather; W of any float dtype, rounded to x's (the compute
-# dtype) as it is loaded. Optional epilogue statistics of y AS STORED (after the residual and the
-# rounding to y's dtype): per tile of BLOCK_M rows, (mean_t, M2_t about mean_t) per column; the last
-# row tile of each column block to finish (atomic ticket) merges them with Chan's formula in a fixed
-# order (kernels/batch_stats.py) and writes the mean and biased variance of y; with OUT_FINISH it also
-# finishes the BatchNorm that consumes y (rstd, running statistics, num_batches_tracked: _bn_finish).
+# with fp32 accumulation, r(m) the strided row gather; x in its own dtype, z in fp32 from it; a = relu(z)
+# and W (any float dtype) rounded to y's dtype (the compute dtype) before the product. Optional epilogue
+# statistics of y AS STORED (after the residual and the rounding to y's dtype): per tile of BLOCK_M rows,
+# (mean_t, M2_t about mean_t) per column; the last row tile of each column block to finish (atomic
+# ticket) merges them with Chan's formula in a fixed order (kernels/batch_stats.py) and writes the mean
+# and biased variance of y; with OUT_FINISH it also finishes the BatchNorm that consumes y (rstd,
+# running statistics, num_batches_tracked: _bn_finish).
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _bn_relu_conv1x1_fwd_kernel(
-    x_ptr,            # [M_in, K] input rows, compute dtype
-    w_ptr,            # [N, K] 1x1 conv weight, compute dtype
+    x_ptr,            # [M_in, K] input rows, x's own dtype
+    w_ptr,            # [N, K] 1x1 conv weight, any float dtype (rounded to the compute dtype)
     mean_ptr,         # [K] fp32 BN mean (batch or running)
     rstd_ptr,         # [K] fp32 BN 1/sqrt(var + eps)
     gamma_ptr,        # [K] fp32 BN weight
     beta_ptr,         # [K] fp32 BN bias
     bias_ptr,         # [N] fp32 conv bias (unused unless HAS_BIAS)
     res_ptr,          # [M, N] residual rows, compute dtype (unused unless HAS_RESIDUAL)
-    y_ptr,            # [M, N] output rows; with SPLIT_OUT [M, n_split]
+    y_ptr,            # [M, N] output rows, compute dtype; with SPLIT_OUT [M, n_split]
     y2_ptr,           # [M, N - n_split] second output with SPLIT_OUT (else unused)
     part_mean_ptr,    # [cdiv(M, BLOCK_M), N] fp32 per-tile mean of y (unused unless OUT_STATS)
     part_m2_ptr,      # [cdiv(M, BLOCK_M), N] fp32 per-tile M2 of y (unused unless OUT_STATS)
@@ -72,15 +75,16 @@ def _bn_relu_conv1x1_fwd_kernel(
     x_rows = x_ptr + in_rows[:, None] * K
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * K
 
+    cdt = y_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K
         xt = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         mean, scale, beta = _bn_coeffs(ks, k_ok, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr)
-        a = tl.maximum(_bn_apply(xt, mean, scale, beta), 0.0).to(x_ptr.dtype.element_ty)
+        a = tl.maximum(_bn_apply(xt, mean, scale, beta), 0.0).to(cdt)
         wt = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(a, wt.to(x_ptr.dtype.element_ty), acc, DOT_PRECISION)
+        acc = _mma(a, wt.to(cdt), acc, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -123,13 +127,14 @@ FORWARD = TunedKernel(_bn_relu_conv1x1_fwd_kernel, "bn_relu_conv1x1_fwd",
 
 
 def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=None, residual=None,
-                        n_split=0, out_stats=False, out_bn=None, poison=False):
+                        n_split=0, out_stats=False, out_bn=None, out_dtype=None, poison=False):
     """y = relu((x - mean) * gamma * rstd + beta) (*) weight2d [+ bias] [+ residual].
 
-    x: [N, K, H, W] channels-last contiguous (compute dtype); weight2d: [Cout, K] contiguous (any float
-    dtype: rounded to x's dtype as the kernel loads it);
+    x: [N, K, H, W] channels-last contiguous, its own dtype; out_dtype: the compute dtype (default x's):
+    y's dtype, and what relu(z) and the weight are rounded to before the product (under autocast with an
+    fp32 x, the autocast dtype: x itself is never rounded); weight2d: [Cout, K] contiguous (any float dtype);
     mean, rstd, gamma, beta: [K] fp32 contiguous; bias: [Cout] fp32 or None;
-    residual: [N, Cout, Ho, Wo] channels-last contiguous (compute dtype) or None.
+    residual: [N, Cout, Ho, Wo] channels-last contiguous (out_dtype) or None.
     n_split > 0: two outputs with n_split and Cout - n_split channels (one GEMM).
     out_bn (with out_stats): dict(eps, running_mean, running_var, num_batches_tracked, momentum) of the
     BatchNorm in training that consumes y (its first n_split channels when n_split): the same launch
@@ -140,7 +145,7 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
     Cout = weight2d.shape[0]
     Ho, Wo = out_size(H, stride), out_size(W, stride)
     M = Nb * Ho * Wo
-    dev, dt = x.device, x.dtype
+    dev, dt = x.device, (x.dtype if out_dtype is None else out_dtype)
     card = card_of(dev)
     if n_split:
         y = empty((Nb, n_split, Ho, Wo), dt, dev, poison, channels_last=True)
@@ -149,23 +154,23 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
         y = empty((Nb, Cout, Ho, Wo), dt, dev, poison, channels_last=True)
         y2 = y
     if out_stats:
-        max_blocks = triton.cdiv(M, min_param(FORWARD.name, card, "BLOCK_M"))
+        max_blocks = cdiv(M, min_param(FORWARD.name, card, "BLOCK_M"))
         part_mean = empty((max_blocks, Cout), torch.float32, dev, poison)
         part_m2 = empty((max_blocks, Cout), torch.float32, dev, poison)
         stats = (empty((Cout,), torch.float32, dev, poison), empty((Cout,), torch.float32, dev, poison))
-        ticket = tickets(dev, triton.cdiv(Cout, min_param(FORWARD.name, card, "BLOCK_N")) + 1)
+        ticket = tickets(dev, cdiv(Cout, min_param(FORWARD.name, card, "BLOCK_N")) + 1)
     else:
         part_mean = part_m2 = ticket = mean  # never touched (OUT_STATS is False)
         stats = None
     fin = _finish_args(out_bn, n_split or Cout, M, dev, poison, mean)
 
     def grid(tile):
-        return (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(Cout, tile["BLOCK_N"]),)
+        return (cdiv(M, tile["BLOCK_M"]) * cdiv(Cout, tile["BLOCK_N"]),)
 
     args = (x, weight2d, mean, rstd, gamma, beta, bias if bias is not None else mean,
             residual if residual is not None else x, y, y2, part_mean, part_m2, *(stats or (mean, mean)), ticket,
             *fin["args"], M, K, Cout, H, W, Ho, Wo, n_split)
-    FORWARD.run(grid, args, card=card, device=dev, dtype=dt,
+    FORWARD.run(grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, dt),
                 STRIDE=stride, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                 SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, **fin["flags"], DOT_PRECISION=dot_precision(dt))
     if out_bn is not None:
