@@ -553,7 +553,7 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dual", [False, True])
 def test_next_bn_is_finished_like_bn_stats(momentum, dual):
-    """next_bn: the consuming BatchNorm finished from y's stats in the producer's launch equals
+    """next_bn: the next BatchNorm finished from y's stats in the producer's launch equals
     bn_stats(bn, y, input_stats=stats) run afterwards: BNStats(mean, var, rstd, True), running buffers and
     num_batches_tracked."""
     inp = _make_inputs(2, 6, 5, 4, 5, 1, bias=False, residual=False, seed=11)
@@ -814,11 +814,13 @@ def test_fp32_input_keeps_relu_masks_near_the_threshold(passes):
 
 @pytest.mark.parametrize("forced", ["2", "3"])
 def test_backward_passes_forced_by_the_environment(forced, monkeypatch):
-    """FASTPREACT_BACKWARD_PASSES picks the path for every call: the three-pass path's kernels launch
-    (dz, dx) or not."""
+    """FASTPREACT_BACKWARD_PASSES (read at import) picks the path for every call: the three-pass path's
+    kernels launch (dz, dx) or not."""
     from fastpreact.kernels import bn_relu_conv1x1 as kc
     from fastpreact.kernels.bn_relu_conv1x1 import three_pass
     monkeypatch.setenv("FASTPREACT_BACKWARD_PASSES", forced)
+    # read when the kernels are imported (here: as a new process would read it)
+    monkeypatch.setattr(kc.backward, "FORCED_PASSES", kc.backward.forced_passes())
     calls = []
     monkeypatch.setattr(three_pass.DZ, "run", lambda *a, **k: calls.append("dz") or three_pass.DZ.__class__.run(
         three_pass.DZ, *a, **k))

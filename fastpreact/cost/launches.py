@@ -41,9 +41,9 @@ def _nb(t) -> int:
 def _conv1x1_fwd(a):
     M, K, N, ex, e = a["M"], a["K"], a["N"], a["x_ptr"].element_size(), a["y_ptr"].element_size()
     extra = e * M * N if a["HAS_RESIDUAL"] else 0
-    parts = 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * N + 2 * 4 * N if a["OUT_STATS"] else 0
-    if a["OUT_FINISH"]:  # the consuming BatchNorm's rstd, and its running statistics read and written
-        parts += 4 * a["n_finish"] + (4 * 4 * a["n_finish"] if a["OUT_UPDATE_RUNNING"] else 0)
+    parts = 2 * 2 * 4 * -(-M // a["BLOCK_M"]) * N + 2 * 4 * N if a["OUTPUT_STATS"] else 0
+    if a["NEXT_FINISH"]:  # the next BatchNorm's rstd, and its running statistics read and written
+        parts += 4 * a["next_channels"] + (4 * 4 * a["next_channels"] if a["NEXT_UPDATE_RUNNING"] else 0)
     return ex * M * K + _nb(a["w_ptr"]) + e * M * N + extra + parts + 16 * K, 2 * M * K * N
 
 

@@ -77,7 +77,7 @@ def forward_impl(x, weight, gamma, beta, stats: BNStats, call: Conv1x1Call, conv
     out, out_stats = kc.bn_relu_conv1x1_fwd(
         x, w2d, stats.mean, stats.rstd, gamma, beta, stride=call.stride,
         bias=None if conv_bias is None else conv_bias.detach().float().contiguous(),
-        residual=residual, n_split=call.split, out_stats=call.output_stats, out_bn=_finish_dict(call.next_bn),
+        residual=residual, split=call.split, output_stats=call.output_stats, next_bn=_finish_dict(call.next_bn),
         out_dtype=call.dtype, poison=poison())
     y, y_b = out if call.split else (out, None)
     return y, y_b, (None if out_stats is None else BNStats(*out_stats))

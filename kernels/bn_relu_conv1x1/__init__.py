@@ -16,12 +16,12 @@ tensor-core product, as stock autocast rounds only the conv's input. mean/rstd/g
 formed inside the kernels, so the host launches nothing for scale/shift);
 all matrices contiguous row-major (channels-last contiguous tensors); stride 1 or 2; fp32 accumulation.
 fp32 products use TF32 exactly when cuDNN convolutions would (torch.backends.cudnn.allow_tf32).
-A "dual" output (SPLIT_OUT) writes columns [0, n_split) of y to one tensor and the rest to another, so
+A "dual" output (SPLIT_OUT) writes columns [0, split) of y to one tensor and the rest to another, so
 two convs sharing one pre-activation run as one GEMM with concatenated weights and still produce two
 contiguous channels-last outputs (and take two gradients in backward).
 
   common.py    program order, row gather, the BatchNorm prologue, the tensor-core product
-  forward.py   the forward kernel (statistics of y and the consuming BatchNorm's finish in its epilogue)
+  forward.py   the forward kernel (statistics of y and the next BatchNorm's finish in its epilogue)
   backward.py  the backward's entry point (bn_relu_conv1x1_bwd) and its rule: two passes or three
   two_pass.py  reduce (dW and the BatchNorm sums, dz recomputed in registers) and dgrad (dx)
   three_pass.py  dz stored with the sums, the elementwise dx pass, and the dW / dz / dx launchers

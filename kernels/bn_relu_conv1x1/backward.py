@@ -104,6 +104,23 @@ def forced_passes():
     return int(value) if value in ("2", "3") else None
 
 
+FORCED_PASSES = forced_passes()  # read once: the rule is asked at every backward call
+_PASSES: dict = {}  # (shapes, dtypes, stride, flags, card) -> 2 or 3: the rule once per shape
+
+
+def _planned_passes(x, dy, weight2d, stride, need_w, accumulate):
+    card = card_of(x.device)
+    key = (x.shape, x.dtype, dy.dtype, weight2d.shape, weight2d.dtype, stride, need_w, accumulate, card)
+    passes = _PASSES.get(key)
+    if passes is None:
+        Nb, K, H, W = x.shape
+        M = Nb * out_size(H, stride) * out_size(W, stride)
+        passes = _PASSES[key] = backward_passes(
+            M, Nb * H * W, K, weight2d.shape[0], x_bytes=x.element_size(), e=dy.element_size(),
+            w_bytes=weight2d.element_size(), card=card, dtype=dy.dtype, need_w=need_w, accumulate=accumulate)
+    return passes
+
+
 def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, dy2=None, batch_stats=True,
                         need_x=True, need_w=True, need_bn=True, add_grad=None, accumulate_into=None, w_dtype=None,
                         passes=None, poison=False):
@@ -112,7 +129,7 @@ def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, d
 
     x: [N, K, H, W] channels-last contiguous, its own dtype (fp32, fp16, bf16); dy: [N, Cout, Ho, Wo]
     channels-last contiguous in the compute dtype (the forward's out_dtype), or with dy2 (a dual op's two
-    outputs: dy's channels first) [N, n_split, Ho, Wo] and [N, Cout - n_split, Ho, Wo]; weight2d: [Cout, K]
+    outputs: dy's channels first) [N, split, Ho, Wo] and [N, Cout - split, Ho, Wo]; weight2d: [Cout, K]
     contiguous, any float dtype (rounded to the compute dtype as it is loaded); mean, rstd, gamma, beta:
     [K] fp32 contiguous (the statistics the forward normalised with).
     batch_stats: the forward used batch statistics (dx through mean and rstd), else running ones.
@@ -120,7 +137,7 @@ def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, d
     add_grad: a gradient of x's shape and dtype (channels-last) added to dx (read only);
     accumulate_into: the same, but dx is added into it in place and it is returned as dx.
     w_dtype: dW's dtype (default weight2d's). passes: 2 or 3 to force a path (tests); None: the rule, or
-    the environment's FASTPREACT_BACKWARD_PASSES (2 or 3) where set.
+    the environment's FASTPREACT_BACKWARD_PASSES (2 or 3) where set when the kernels are imported.
     Returns dx (x's dtype, channels-last), dW ([Cout, K], w_dtype), dbeta and dgamma (fp32 [K], two rows
     of one [2, K] buffer).
     """
@@ -128,16 +145,11 @@ def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, d
     w_dtype = weight2d.dtype if w_dtype is None else w_dtype
     _check(x, dy, dy2, need_x, add_grad, accumulate_into)
     if passes is None:
-        passes = forced_passes()
+        passes = FORCED_PASSES
     if passes is None:
         passes = 2
         if need_x and need_sums:
-            Nb, K, H, W = x.shape
-            M = Nb * out_size(H, stride) * out_size(W, stride)
-            passes = backward_passes(M, Nb * H * W, K, weight2d.shape[0], x_bytes=x.element_size(),
-                                     e=dy.element_size(), w_bytes=weight2d.element_size(), card=card_of(x.device),
-                                     dtype=dy.dtype, need_w=need_w,
-                                     accumulate=add_grad is not None or accumulate_into is not None)
+            passes = _planned_passes(x, dy, weight2d, stride, need_w, add_grad is not None or accumulate_into is not None)
     if passes not in (2, 3):
         raise ValueError(f"bn_relu_conv1x1_bwd: passes must be 2, 3 or None, got {passes!r}")
     dx = dw = sums = None

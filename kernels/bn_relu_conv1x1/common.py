@@ -56,15 +56,15 @@ def _input_rows(offs_m, H, W, Ho, Wo, STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows_cols(ptr_a, ptr_b, rows64, cols, row_ok, col_ok, n_split, n_total,
+def _load_rows_cols(ptr_a, ptr_b, rows64, cols, row_ok, col_ok, split, n_total,
                     SPLIT: tl.constexpr):
     """Tile [rows, cols] of a matrix with n_total columns, stored whole (SPLIT False) or as two
-    row-major matrices holding columns [0, n_split) and [n_split, n_total)."""
+    row-major matrices holding columns [0, split) and [split, n_total)."""
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT:
-        in_a = cols < n_split
-        va = tl.load(ptr_a + rows64[:, None] * n_split + cols[None, :], mask=mask & in_a[None, :], other=0.0)
-        vb = tl.load(ptr_b + rows64[:, None] * (n_total - n_split) + (cols - n_split)[None, :],
+        in_a = cols < split
+        va = tl.load(ptr_a + rows64[:, None] * split + cols[None, :], mask=mask & in_a[None, :], other=0.0)
+        vb = tl.load(ptr_b + rows64[:, None] * (n_total - split) + (cols - split)[None, :],
                      mask=mask & (~in_a)[None, :], other=0.0)
         v = tl.where(in_a[None, :], va, vb)
     else:

@@ -30,7 +30,7 @@ __all__ = ["bn_relu_conv1x1_fwd"]
 # statistics of y AS STORED (after the residual and the rounding to y's dtype): per tile of BLOCK_M rows,
 # (mean_t, M2_t about mean_t) per column; the last row tile of each column block to finish (atomic
 # ticket) merges them with Chan's formula in a fixed order (kernels/batch_stats.py) and writes the mean
-# and biased variance of y; with OUT_FINISH it also finishes the BatchNorm that consumes y (rstd,
+# and biased variance of y; with NEXT_FINISH it also finishes the next BatchNorm (the one that consumes y) (rstd,
 # running statistics, num_batches_tracked: _bn_finish).
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
@@ -43,23 +43,23 @@ def _bn_relu_conv1x1_fwd_kernel(
     beta_ptr,         # [K] fp32 BN bias
     bias_ptr,         # [N] fp32 conv bias (unused unless HAS_BIAS)
     res_ptr,          # [M, N] residual rows, compute dtype (unused unless HAS_RESIDUAL)
-    y_ptr,            # [M, N] output rows, compute dtype; with SPLIT_OUT [M, n_split]
-    y2_ptr,           # [M, N - n_split] second output with SPLIT_OUT (else unused)
-    part_mean_ptr,    # [cdiv(M, BLOCK_M), N] fp32 per-tile mean of y (unused unless OUT_STATS)
-    part_m2_ptr,      # [cdiv(M, BLOCK_M), N] fp32 per-tile M2 of y (unused unless OUT_STATS)
-    stats_mean_ptr,   # [N] fp32 out: mean of y (unused unless OUT_STATS)
-    stats_var_ptr,    # [N] fp32 out: biased variance of y (unused unless OUT_STATS)
-    ticket_ptr,       # [cdiv(N, BLOCK_N) + 1] int32 tickets at 0 (unused unless OUT_STATS)
-    out_rstd_ptr,     # [n_finish] fp32 out: the consuming BatchNorm's rstd (unused unless OUT_FINISH)
-    out_rm_ptr, out_rv_ptr, out_nbt_ptr,  # its running statistics and counter (OUT_UPDATE_RUNNING, ...)
-    out_eps, out_momentum, out_unbias,    # its eps, momentum, M / (M - 1)
-    n_finish,         # columns of y the consuming BatchNorm normalises (the first output's)
+    y_ptr,            # [M, N] output rows, compute dtype; with SPLIT_OUT [M, split]
+    y2_ptr,           # [M, N - split] second output with SPLIT_OUT (else unused)
+    part_ptr,         # [2, max_blocks, N] fp32 per-tile mean, then M2, of y (unused unless OUTPUT_STATS)
+    stats_mean_ptr,   # [N] fp32 out: mean of y (unused unless OUTPUT_STATS)
+    stats_var_ptr,    # [N] fp32 out: biased variance of y (unused unless OUTPUT_STATS)
+    ticket_ptr,       # [cdiv(N, BLOCK_N) + 1] int32 tickets at 0 (unused unless OUTPUT_STATS)
+    next_rstd_ptr,    # [next_channels] fp32 out: the next BatchNorm's rstd (unused unless NEXT_FINISH)
+    next_rm_ptr, next_rv_ptr, next_nbt_ptr,  # its running statistics and counter (NEXT_UPDATE_RUNNING, ...)
+    next_eps, next_momentum, next_unbias,    # its eps, momentum, M / (M - 1)
+    next_channels,    # columns of y the next BatchNorm normalises (the first output's)
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # input / output spatial size (row gather when STRIDE == 2)
-    n_split,          # columns of the first output when SPLIT_OUT
+    split,            # columns of the first output when SPLIT_OUT
+    max_blocks,       # row tiles part_ptr holds per half (>= cdiv(M, BLOCK_M))
     STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SPLIT_OUT: tl.constexpr, OUT_STATS: tl.constexpr, OUT_FINISH: tl.constexpr,
-    OUT_UPDATE_RUNNING: tl.constexpr, OUT_MOMENTUM_FROM_NBT: tl.constexpr, OUT_INCREMENT_NBT: tl.constexpr,
+    SPLIT_OUT: tl.constexpr, OUTPUT_STATS: tl.constexpr, NEXT_FINISH: tl.constexpr,
+    NEXT_UPDATE_RUNNING: tl.constexpr, NEXT_MOMENTUM_FROM_NBT: tl.constexpr, NEXT_INCREMENT_NBT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -95,16 +95,18 @@ def _bn_relu_conv1x1_fwd_kernel(
         acc += res.to(tl.float32)
     y = acc.to(y_ptr.dtype.element_ty)
     if SPLIT_OUT:
-        in_a = offs_n < n_split
-        tl.store(y_ptr + rows64[:, None] * n_split + offs_n[None, :], y, mask=out_mask & in_a[None, :])
-        tl.store(y2_ptr + rows64[:, None] * (N - n_split) + (offs_n - n_split)[None, :], y,
+        in_a = offs_n < split
+        tl.store(y_ptr + rows64[:, None] * split + offs_n[None, :], y, mask=out_mask & in_a[None, :])
+        tl.store(y2_ptr + rows64[:, None] * (N - split) + (offs_n - split)[None, :], y,
                  mask=out_mask & (~in_a)[None, :])
     else:
         tl.store(y_ptr + rows64[:, None] * N + offs_n[None, :], y, mask=out_mask)
 
-    if OUT_STATS:
+    if OUTPUT_STATS:
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         tile_mean, tile_m2 = _tile_mean_m2(y.to(tl.float32), out_mask, count)
+        part_mean_ptr = part_ptr  # one allocation: the M2 half follows the means
+        part_m2_ptr = part_ptr + max_blocks * N
         tl.store(part_mean_ptr + pid_m * N + offs_n, tile_mean, mask=n_ok)
         tl.store(part_m2_ptr + pid_m * N + offs_n, tile_m2, mask=n_ok)
         if _take_last_ticket(ticket_ptr + pid_n, num_pid_m):
@@ -112,22 +114,22 @@ def _bn_relu_conv1x1_fwd_kernel(
                                               BLOCK_M, 8, BLOCK_N)
             tl.store(stats_mean_ptr + offs_n, out_mean, mask=n_ok)
             tl.store(stats_var_ptr + offs_n, out_var, mask=n_ok)
-            if OUT_FINISH:
+            if NEXT_FINISH:
                 num_pid_n = tl.cdiv(N, BLOCK_N)
-                _bn_finish(out_mean, out_var, offs_n, n_ok & (offs_n < n_finish), out_rstd_ptr, out_rm_ptr,
-                           out_rv_ptr, out_nbt_ptr, out_eps, out_momentum, out_unbias, True, OUT_UPDATE_RUNNING,
-                           OUT_MOMENTUM_FROM_NBT, OUT_INCREMENT_NBT)
-                _count_batch(ticket_ptr + num_pid_n, num_pid_n, out_nbt_ptr, OUT_INCREMENT_NBT)
+                _bn_finish(out_mean, out_var, offs_n, n_ok & (offs_n < next_channels), next_rstd_ptr, next_rm_ptr,
+                           next_rv_ptr, next_nbt_ptr, next_eps, next_momentum, next_unbias, True, NEXT_UPDATE_RUNNING,
+                           NEXT_MOMENTUM_FROM_NBT, NEXT_INCREMENT_NBT)
+                _count_batch(ticket_ptr + num_pid_n, num_pid_n, next_nbt_ptr, NEXT_INCREMENT_NBT)
 
 
-# The kernel finishes the consuming BatchNorm in place: its running statistics and counter are saved
+# The kernel finishes the next BatchNorm in place: its running statistics and counter are saved
 # before and restored after the tuner times the candidate tiles.
 FORWARD = TunedKernel(_bn_relu_conv1x1_fwd_kernel, "bn_relu_conv1x1_fwd",
-                      restore=("out_rm_ptr", "out_rv_ptr", "out_nbt_ptr"))
+                      restore=("next_rm_ptr", "next_rv_ptr", "next_nbt_ptr"))
 
 
 def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=None, residual=None,
-                        n_split=0, out_stats=False, out_bn=None, out_dtype=None, poison=False):
+                        split=0, output_stats=False, next_bn=None, out_dtype=None, poison=False):
     """y = relu((x - mean) * gamma * rstd + beta) (*) weight2d [+ bias] [+ residual].
 
     x: [N, K, H, W] channels-last contiguous, its own dtype; out_dtype: the compute dtype (default x's):
@@ -135,11 +137,11 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
     fp32 x, the autocast dtype: x itself is never rounded); weight2d: [Cout, K] contiguous (any float dtype);
     mean, rstd, gamma, beta: [K] fp32 contiguous; bias: [Cout] fp32 or None;
     residual: [N, Cout, Ho, Wo] channels-last contiguous (out_dtype) or None.
-    n_split > 0: two outputs with n_split and Cout - n_split channels (one GEMM).
-    out_bn (with out_stats): dict(eps, running_mean, running_var, num_batches_tracked, momentum) of the
-    BatchNorm in training that consumes y (its first n_split channels when n_split): the same launch
+    split > 0: two outputs with split and Cout - split channels (one GEMM).
+    next_bn (with output_stats): dict(eps, running_mean, running_var, num_batches_tracked, momentum) of the
+    BatchNorm in training that consumes y (its first split channels when split): the same launch
     also finishes it (rstd, running-statistics update, num_batches_tracked incremented).
-    Returns (y or (y_a, y_b), (mean, biased var[, rstd with out_bn]) of the output as stored, or None).
+    Returns (y or (y_a, y_b), (mean, biased var[, rstd with next_bn]) of the output as stored, or None).
     """
     Nb, K, H, W = x.shape
     Cout = weight2d.shape[0]
@@ -147,45 +149,45 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
     M = Nb * Ho * Wo
     dev, dt = x.device, (x.dtype if out_dtype is None else out_dtype)
     card = card_of(dev)
-    if n_split:
-        y = empty((Nb, n_split, Ho, Wo), dt, dev, poison, channels_last=True)
-        y2 = empty((Nb, Cout - n_split, Ho, Wo), dt, dev, poison, channels_last=True)
+    if split:
+        y = empty((Nb, split, Ho, Wo), dt, dev, poison, channels_last=True)
+        y2 = empty((Nb, Cout - split, Ho, Wo), dt, dev, poison, channels_last=True)
     else:
         y = empty((Nb, Cout, Ho, Wo), dt, dev, poison, channels_last=True)
         y2 = y
-    if out_stats:
+    if output_stats:
         max_blocks = cdiv(M, min_param(FORWARD.name, card, "BLOCK_M"))
-        part_mean = empty((max_blocks, Cout), torch.float32, dev, poison)
-        part_m2 = empty((max_blocks, Cout), torch.float32, dev, poison)
+        part = empty((2, max_blocks, Cout), torch.float32, dev, poison)
         stats = (empty((Cout,), torch.float32, dev, poison), empty((Cout,), torch.float32, dev, poison))
         ticket = tickets(dev, cdiv(Cout, min_param(FORWARD.name, card, "BLOCK_N")) + 1)
     else:
-        part_mean = part_m2 = ticket = mean  # never touched (OUT_STATS is False)
+        max_blocks, part = 0, mean
+        ticket = mean  # never touched (OUTPUT_STATS is False)
         stats = None
-    fin = _finish_args(out_bn, n_split or Cout, M, dev, poison, mean)
+    fin = _next_bn_args(next_bn, split or Cout, M, dev, poison, mean)
 
     def grid(tile):
         return (cdiv(M, tile["BLOCK_M"]) * cdiv(Cout, tile["BLOCK_N"]),)
 
     args = (x, weight2d, mean, rstd, gamma, beta, bias if bias is not None else mean,
-            residual if residual is not None else x, y, y2, part_mean, part_m2, *(stats or (mean, mean)), ticket,
-            *fin["args"], M, K, Cout, H, W, Ho, Wo, n_split)
+            residual if residual is not None else x, y, y2, part, *(stats or (mean, mean)), ticket,
+            *fin["args"], M, K, Cout, H, W, Ho, Wo, split, max_blocks)
     FORWARD.run(grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, dt),
                 STRIDE=stride, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                SPLIT_OUT=n_split > 0, OUT_STATS=out_stats, **fin["flags"], DOT_PRECISION=dot_precision(dt))
-    if out_bn is not None:
+                SPLIT_OUT=split > 0, OUTPUT_STATS=output_stats, **fin["flags"], DOT_PRECISION=dot_precision(dt))
+    if next_bn is not None:
         stats = (*stats, fin["args"][0])
-    return ((y, y2) if n_split else y), stats
+    return ((y, y2) if split else y), stats
 
 
-def _finish_args(out_bn, channels, M, device, poison, dummy):
-    """Kernel arguments that finish the BatchNorm consuming y (out_bn, see bn_relu_conv1x1_fwd)."""
-    if out_bn is None:
+def _next_bn_args(next_bn, channels, M, device, poison, dummy):
+    """Kernel arguments that finish the BatchNorm consuming y (next_bn, see bn_relu_conv1x1_fwd)."""
+    if next_bn is None:
         return dict(args=(dummy,) * 4 + (0.0, 0.0, 1.0, 0),
-                    flags=dict(OUT_FINISH=False, OUT_UPDATE_RUNNING=False, OUT_MOMENTUM_FROM_NBT=False,
-                               OUT_INCREMENT_NBT=False))
+                    flags=dict(NEXT_FINISH=False, NEXT_UPDATE_RUNNING=False, NEXT_MOMENTUM_FROM_NBT=False,
+                               NEXT_INCREMENT_NBT=False))
     rstd = empty((channels,), torch.float32, device, poison)
-    run = _running_args(out_bn.get("running_mean"), out_bn.get("running_var"), out_bn.get("num_batches_tracked"),
-                        out_bn.get("momentum", 0.1), True, rstd)
-    return dict(args=(rstd, *run["ptrs"], float(out_bn["eps"]), run["momentum"], M / max(M - 1, 1), channels),
-                flags=dict(OUT_FINISH=True, **{f"OUT_{k}": v for k, v in run["flags"].items()}))
+    run = _running_args(next_bn.get("running_mean"), next_bn.get("running_var"), next_bn.get("num_batches_tracked"),
+                        next_bn.get("momentum", 0.1), True, rstd)
+    return dict(args=(rstd, *run["ptrs"], float(next_bn["eps"]), run["momentum"], M / max(M - 1, 1), channels),
+                flags=dict(NEXT_FINISH=True, **{f"NEXT_{k}": v for k, v in run["flags"].items()}))

@@ -33,8 +33,8 @@ __all__ = ["bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _bn_relu_conv1x1_bwd_dz_kernel(
-    dy_ptr,           # [M, N] gradient of y, compute dtype; with SPLIT_OUT [M, n_split]
-    dy2_ptr,          # [M, N - n_split] gradient of the second output with SPLIT_OUT (else unused)
+    dy_ptr,           # [M, N] gradient of y, compute dtype; with SPLIT_OUT [M, split]
+    dy2_ptr,          # [M, N - split] gradient of the second output with SPLIT_OUT (else unused)
     w_ptr,            # [N, K] conv weight, any float dtype (rounded to the compute dtype)
     x_ptr,            # [M_in, K] input rows, x's own dtype
     mean_ptr,         # [K] fp32 mean used in forward
@@ -49,7 +49,7 @@ def _bn_relu_conv1x1_bwd_dz_kernel(
     ticket_ptr,       # [cdiv(K, BLOCK_K)] int32 tickets at 0
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # spatial sizes for the row gather
-    n_split,          # columns of the first output when SPLIT_OUT
+    split,          # columns of the first output when SPLIT_OUT
     STRIDE: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -68,7 +68,7 @@ def _bn_relu_conv1x1_bwd_dz_kernel(
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + offs_n
         n_ok = ns < N
-        dyt = _load_rows_cols(dy_ptr, dy2_ptr, rows64, ns, m_ok, n_ok, n_split, N, SPLIT_OUT)
+        dyt = _load_rows_cols(dy_ptr, dy2_ptr, rows64, ns, m_ok, n_ok, split, N, SPLIT_OUT)
         wt = tl.load(w_ptr + ns.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                      other=0.0)
         acc = _mma(dyt.to(cdt), wt.to(cdt), acc, DOT_PRECISION)
@@ -167,7 +167,7 @@ def bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, *, stride=1
     to the compute dtype as it is loaded; x in its own dtype."""
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
-    n_split = dy.shape[1] if dy2 is not None else 0
+    split = dy.shape[1] if dy2 is not None else 0
     Cout = weight2d.shape[0]
     M = Nb * Ho * Wo
     dev, cdt = x.device, dy.dtype
@@ -182,7 +182,7 @@ def bn_relu_conv1x1_bwd_dz(dy, weight2d, x, mean, rstd, gamma, beta, *, stride=1
 
     args = (dy, dy2 if dy2 is not None else dy, weight2d, x, mean, rstd, gamma, beta, dz,
             parts[0], parts[1], sums[0], sums[1], tickets(dev, cdiv(K, min_param(DZ.name, card, "BLOCK_K"))),
-            M, K, Cout, H, W, Ho, Wo, n_split)
+            M, K, Cout, H, W, Ho, Wo, split)
     DZ.run(grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, cdt),
            STRIDE=stride, SPLIT_OUT=dy2 is not None, DOT_PRECISION=dot_precision(cdt))
     return dz, sums[0], sums[1]

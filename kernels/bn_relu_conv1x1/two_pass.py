@@ -42,8 +42,8 @@ __all__ = ["REDUCE", "DGRAD", "reduce_rows", "reduce_splits", "dgrad"]
 @triton.jit
 def _bn_relu_conv1x1_bwd_reduce_kernel(
     x_ptr,            # [M_in, K] input rows, x's own dtype
-    dy_ptr,           # [M, N] gradient of y, compute dtype; with SPLIT_OUT [M, n_split]
-    dy2_ptr,          # [M, N - n_split] gradient of the second output with SPLIT_OUT (else unused)
+    dy_ptr,           # [M, N] gradient of y, compute dtype; with SPLIT_OUT [M, split]
+    dy2_ptr,          # [M, N - split] gradient of the second output with SPLIT_OUT (else unused)
     w_ptr,            # [N, K] conv weight, any float dtype (unused unless COMPUTE_SUMS)
     mean_ptr,         # [K] fp32 BN mean used in forward
     rstd_ptr,         # [K] fp32 1/sqrt(var + eps) used in forward
@@ -57,7 +57,7 @@ def _bn_relu_conv1x1_bwd_reduce_kernel(
     part_rows,        # rows of each of the two halves of part_sums (its allocation, >= the rows used)
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # spatial sizes for the row gather
-    n_split,          # columns of the first output when SPLIT_OUT
+    split,          # columns of the first output when SPLIT_OUT
     STRIDE: tl.constexpr, SPLIT_OUT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_SUMS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -90,7 +90,7 @@ def _bn_relu_conv1x1_bwd_reduce_kernel(
         xt = tl.load(x_ptr + in_rows[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                      other=0.0).to(tl.float32)
         z = _bn_apply(xt, mean, scale, beta)  # exactly the forward's z
-        dyt = _load_rows_cols(dy_ptr, dy2_ptr, offs_m.to(tl.int64), offs_n, m_ok, n_ok, n_split, N, SPLIT_OUT)
+        dyt = _load_rows_cols(dy_ptr, dy2_ptr, offs_m.to(tl.int64), offs_n, m_ok, n_ok, split, N, SPLIT_OUT)
         dyt = dyt.to(cdt)
         if COMPUTE_DW:
             a = tl.where(m_ok[:, None], tl.maximum(z, 0.0), 0.0).to(cdt)
@@ -143,8 +143,8 @@ def _finish_dw(acc, dw_part_ptr, dw_ptr, ticket_ptr, offs_n, offs_k, tile_ok, pi
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _bn_relu_conv1x1_bwd_dgrad_kernel(
-    dy_ptr,           # [M, N] gradient of y, compute dtype; with SPLIT_OUT [M, n_split]
-    dy2_ptr,          # [M, N - n_split] gradient of the second output with SPLIT_OUT (else unused)
+    dy_ptr,           # [M, N] gradient of y, compute dtype; with SPLIT_OUT [M, split]
+    dy2_ptr,          # [M, N - split] gradient of the second output with SPLIT_OUT (else unused)
     w_ptr,            # [N, K] conv weight, any float dtype
     x_ptr,            # [M_in, K] input rows, x's own dtype
     mean_ptr,         # [K] fp32
@@ -156,7 +156,7 @@ def _bn_relu_conv1x1_bwd_dgrad_kernel(
     dx_ptr,           # [M_in, K] out: dx, x's dtype
     M, K, N,          # output rows, input channels, output channels
     H, W, Ho, Wo,     # spatial sizes for the row gather
-    n_split,          # columns of the first output when SPLIT_OUT
+    split,          # columns of the first output when SPLIT_OUT
     inv_count,        # 1 / M_in (the BatchNorm's values per channel)
     STRIDE: tl.constexpr, SPLIT_OUT: tl.constexpr, BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -174,7 +174,7 @@ def _bn_relu_conv1x1_bwd_dgrad_kernel(
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + offs_n
         n_ok = ns < N
-        dyt = _load_rows_cols(dy_ptr, dy2_ptr, offs_m.to(tl.int64), ns, m_ok, n_ok, n_split, N, SPLIT_OUT)
+        dyt = _load_rows_cols(dy_ptr, dy2_ptr, offs_m.to(tl.int64), ns, m_ok, n_ok, split, N, SPLIT_OUT)
         wt = tl.load(w_ptr + ns.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                      other=0.0)
         acc = _mma(dyt.to(cdt), wt.to(cdt), acc, DOT_PRECISION)
@@ -248,19 +248,32 @@ def reduce_splits(M, K, N, block_n, block_k, card, block_m=128):
     return max(1, min(balanced, cdiv(card.sms, tiles), cdiv(M, block_m)))
 
 
+_PLANS: dict = {}  # (M, K, N, card) -> the reduce pass's buffer plan: computed once per shape
+
+
+def _reduce_plan(M, K, N, card):
+    """(N tiles, K tiles, splits) at the smallest tiles of the card's configs: the partial buffers and
+    tickets are sized for them, so they fit whichever config the tuner picks."""
+    key = (M, K, N, card)
+    plan = _PLANS.get(key)
+    if plan is None:
+        min_n, min_k = min_param(REDUCE.name, card, "BLOCK_N"), min_param(REDUCE.name, card, "BLOCK_K")
+        splits = reduce_splits(M, K, N, min_n, min_k, card, min_param(REDUCE.name, card, "BLOCK_M"))  # the most
+        plan = _PLANS[key] = (cdiv(N, min_n), cdiv(K, min_k), splits)
+    return plan
+
+
 def reduce_rows(x, dy, dy2, weight2d, mean, rstd, gamma, beta, *, stride, w_dtype, need_w, need_sums, poison):
     """Pass 1 in one launch: (dW [Cout, K] in w_dtype or None, [2, K] fp32 rows (dbeta; dgamma) or None).
     weight2d is read only for the sums (None without them)."""
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
-    n_split = dy.shape[1] if dy2 is not None else 0
+    split = dy.shape[1] if dy2 is not None else 0
     Cout = dy.shape[1] + (dy2.shape[1] if dy2 is not None else 0)
     M = Nb * Ho * Wo
     dev, cdt = x.device, dy.dtype
     card = card_of(dev)
-    min_n, min_k = min_param(REDUCE.name, card, "BLOCK_N"), min_param(REDUCE.name, card, "BLOCK_K")
-    tiles_n, tiles_k = cdiv(Cout, min_n), cdiv(K, min_k)
-    splits = reduce_splits(M, K, Cout, min_n, min_k, card, min_param(REDUCE.name, card, "BLOCK_M"))  # the most
+    tiles_n, tiles_k, splits = _reduce_plan(M, K, Cout, card)
     dw = empty((Cout, K), w_dtype, dev, poison) if need_w else None
     part = empty((splits, Cout, K), torch.float32, dev, poison) if need_w and splits > 1 else None
     part_rows = splits * tiles_n
@@ -276,7 +289,7 @@ def reduce_rows(x, dy, dy2, weight2d, mean, rstd, gamma, beta, *, stride, w_dtyp
 
     args = (x, dy, given(dy2, dy), given(weight2d, dy), mean, rstd, gamma, beta, given(part, mean), given(dw, mean),
             given(part_sums, mean), given(sums, mean), tickets(dev, tiles_n * tiles_k + tiles_k), part_rows,
-            M, K, Cout, H, W, Ho, Wo, n_split)
+            M, K, Cout, H, W, Ho, Wo, split)
     REDUCE.run(grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, cdt), STRIDE=stride,
                SPLIT_OUT=dy2 is not None, COMPUTE_DW=need_w, COMPUTE_SUMS=need_sums, DOT_PRECISION=dot_precision(cdt))
     return dw, sums
@@ -288,7 +301,7 @@ def dgrad(x, dy, dy2, weight2d, mean, rstd, gamma, beta, sums, *, stride, batch_
     batch statistics). accumulate_into / add_grad: as bn_relu_conv1x1_bwd_dx's."""
     Nb, K, H, W = x.shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
-    n_split = dy.shape[1] if dy2 is not None else 0
+    split = dy.shape[1] if dy2 is not None else 0
     Cout = weight2d.shape[0]
     M, M_in = Nb * Ho * Wo, Nb * H * W
     dev, cdt = x.device, dy.dtype
@@ -301,7 +314,7 @@ def dgrad(x, dy, dy2, weight2d, mean, rstd, gamma, beta, sums, *, stride, batch_
 
     args = (dy, dy2 if dy2 is not None else dy, weight2d, x, mean, rstd, gamma, beta,
             sums if sums is not None else mean, addend if addend is not None else out, out,
-            M, K, Cout, H, W, Ho, Wo, n_split, 1.0 / M_in)
+            M, K, Cout, H, W, Ho, Wo, split, 1.0 / M_in)
     DGRAD.run(grid, args, card=card_of(dev), device=dev, dtype=tune_dtype(x.dtype, cdt), STRIDE=stride,
               SPLIT_OUT=dy2 is not None, BATCH_STATS=batch_stats, ACCUMULATE=addend is not None,
               DOT_PRECISION=dot_precision(cdt))
