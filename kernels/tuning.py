@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import operator
 import os
 import warnings
 
@@ -108,20 +109,26 @@ class TunedKernel:
         self.key_index = tuple(names.index(k) for k in key)
         self.key_names = tuple(key)
         self.restore_index = tuple(names.index(r) for r in restore)
-        self._memo = {}  # (card name, key values, dtype) -> Tile: one dict lookup per launch
+        self._memo = {}  # (card name, key values, dtype) -> (Tile, its grid, its launch keywords)
+        self._key = operator.itemgetter(*self.key_index) if len(self.key_index) > 1 else (
+            lambda args, i=self.key_index[0]: (args[i],))
         _KERNELS.append(self)
 
     def key_string(self, values, dtype) -> str:
         return ",".join(f"{n}={v}" for n, v in zip(self.key_names, values)) + f",dtype={_dtype_name(dtype)}"
 
     def run(self, grid, args, *, card: Card, device, dtype, **constexprs):
-        """Launch with the chosen tile; grid(tile) gives the launch grid. Returns the Tile used."""
-        values = tuple(args[i] for i in self.key_index)
-        tile = self._memo.get((card.name, values, dtype))
-        if tile is None:
+        """Launch with the chosen tile; grid(tile) gives the launch grid, and must depend only on the key's
+        values, the card and the tile (it is computed once per shape). Returns the Tile used."""
+        values = self._key(args)
+        plan = self._memo.get((card.name, values, dtype))
+        if plan is None:
             tile = self._choose(card, values, dtype, grid, args, device, constexprs)
-        launch(self.kernel, grid(tile), args, device, **constexprs, **tile.kwargs)
-        return tile
+            plan = (tile, grid(tile), tile.kwargs)
+            if _runnable(args):
+                self._memo[(card.name, values, dtype)] = plan
+        launch(self.kernel, plan[1], args, device, **constexprs, **plan[2])
+        return plan[0]
 
     def candidates(self, card: Card, values, dtype):
         sizes = dict(zip(self.key_names, values))
@@ -140,7 +147,6 @@ class TunedKernel:
             tile = self._decide(card, key, cands, grid, args, device, constexprs)
         if _runnable(args):  # a fake run (the cost model) does not settle a real choice
             _TABLE.setdefault(card.name, {}).setdefault(self.name, {})[key] = tile.name
-            self._memo[(card.name, values, dtype)] = tile
         return tile
 
     def _decide(self, card, key, cands, grid, args, device, constexprs):

@@ -36,3 +36,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def use_torch_backend(monkeypatch):
+    """The fused ops run their PyTorch math on CPU tensors (the interpreter turned off for the test)."""
+    from fastpreact.functional import backends
+    monkeypatch.setattr(backends, "INTERPRET", False)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """use_torch_backend for the whole test."""
+    use_torch_backend(monkeypatch)
+

@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+
+from conftest import use_torch_backend
 from hypothesis import given, settings, strategies as st
 
 from fastpreact import functional as Fp
@@ -55,7 +57,7 @@ def test_batch_stats_large_mean_is_accurate(backend, monkeypatch):
     # mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 would lose the variance entirely; Chan's merge must not,
     # nor the torch fallback's shifted two-pass.
     if backend == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        use_torch_backend(monkeypatch)
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(8, 6, 24, 24, generator=g) + 1e3).contiguous(memory_format=torch.channels_last)
     mean, var, _, _ = Fp.batch_stats(x)
@@ -87,7 +89,7 @@ def test_batch_stats_runs_triton_kernel(monkeypatch):
 
 
 def test_batch_stats_torch_fallback_matches(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use_torch_backend(monkeypatch)
     assert Fp.backend() == "torch"
     _check(torch.randn(2, 4, 3, 3))
 

@@ -16,6 +16,7 @@ from fastpreact import reference
 from fastpreact.functional import bn_relu_conv2d, bn_relu_max_pool2d
 from fastpreact.nn import BatchNormReLU2d, FusedBatchNormReLU2d
 from oracle import assert_close64
+from conftest import use_torch_backend
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -102,7 +103,7 @@ def test_bn_relu_conv2d_rejects_unsupported_conv():
 
 
 def _torch_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use_torch_backend(monkeypatch)
     assert Fp.backend("cpu") == "torch"
 
 

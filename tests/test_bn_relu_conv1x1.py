@@ -17,6 +17,7 @@ import fastpreact
 from fastpreact import functional as Fp
 from fastpreact import reference
 from oracle import assert_close64, assert_oracle
+from conftest import use_torch_backend
 
 CUDA = torch.cuda.is_available()
 
@@ -204,7 +205,7 @@ def test_triton_path_runs_under_interpreter(monkeypatch):
 
 
 def test_torch_fallback_matches_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use_torch_backend(monkeypatch)
     assert Fp.backend() == "torch"
     _compare(2, 7, 5, 4, 9, 2, True, torch.float32, True)
     _compare(2, 7, 5, 4, 9, 1, False, torch.float32, True)
@@ -289,7 +290,7 @@ def test_input_with_large_mean_is_accurate(training, backend, monkeypatch):
     scale at best; the batch mean must be summed in shifted coordinates to get there (summed naively it
     was off by ~1e-4, and y by 2e-5 of its scale). The torch fallback must be as accurate."""
     if backend == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        use_torch_backend(monkeypatch)
     _compare(3, 10, 6, 6, 12, 1, training, torch.float32, True, seed=4, x_offset=1e3)
 
 

@@ -42,13 +42,6 @@ BNACT = "BatchNormAct2d(ReLU) -> Conv1x1"
 BNACT_DUAL = "BatchNormAct2d(ReLU) -> 2x Conv1x1 (shared pre-activation)"
 
 
-@pytest.fixture
-def torch_backend(monkeypatch):
-    """Run the fused op's PyTorch fallback (backend() reads TRITON_INTERPRET at every call)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert Fp.backend("cpu") == "torch"
-
-
 def interpreter_backend():
     """The backend the 'interpreter' tests run: Triton's interpreter on a CPU machine."""
     return Fp.backend("cpu")

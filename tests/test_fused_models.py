@@ -17,6 +17,7 @@ import fastpreact.functional as Fp
 from fastpreact.models import FusedPreActBottleneck, create_model, fused_components
 from fastpreact.nn import FusedBatchNormReLU2d
 from oracle import assert_oracle
+from conftest import use_torch_backend
 
 # (arch, create_model keywords, input size): with a batch of 8 every BN sees >= 32 values per channel.
 CIFAR_NET = ("resnet11", dict(widths=(4, 8, 8)), 12)  # stride on the first 1x1, projections
@@ -78,7 +79,7 @@ def test_sgd_steps_match_stock(arch, kw, size, unit="preact", steps=3):
                          ids=["cifar-resnet11", "imagenet-resnet14"])
 def test_torch_backend_fused_matches_stock(arch, kw, size, monkeypatch):
     """Without a GPU or the interpreter the fused models run the same Functions on torch math."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use_torch_backend(monkeypatch)
     assert Fp.backend("cpu") == "torch"
     torch.manual_seed(0)
     stock = channels_last(create_model(arch, 10, **kw))
@@ -224,7 +225,7 @@ def saved_activation_bytes(model, x):
 def test_saved_activation_bytes_ratio(arch, size, monkeypatch, record_property):
     """fused / stock saved bytes <= 0.6. Sizes and what is saved do not depend on the backend, so the
     torch backend (the same Functions' fallback math) runs this, fast."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    use_torch_backend(monkeypatch)
     assert Fp.backend("cpu") == "torch"
     sizes = {}
     for kernels in ("stock", "fused"):

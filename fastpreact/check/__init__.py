@@ -64,7 +64,8 @@ def prepare_backend():
             return None, ("no GPU, and triton was imported in this process before TRITON_INTERPRET=1 could be "
                           "set, so the kernels cannot run through the interpreter here; run "
                           "`TRITON_INTERPRET=1 python -m fastpreact.check` in a fresh process")
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import (fastpreact imports it lazily)
+    from ..functional import backends
+    backends.interpret()  # before triton's first import (fastpreact imports it lazily)
     return torch.device("cpu"), None
 
 

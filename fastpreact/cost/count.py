@@ -136,17 +136,18 @@ def _triton_backend_on_cpu():
     import pkgutil
 
     from .. import kernels as pkg
+    from ..functional import backends
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{info.name}")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    old_env, old_flag = os.environ.get("TRITON_INTERPRET"), backends.interpret()
     try:
         yield
     finally:
-        if old is None:
+        backends.interpret(old_flag)
+        if old_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
-            os.environ["TRITON_INTERPRET"] = old
+            os.environ["TRITON_INTERPRET"] = old_env
 
 
 @contextlib.contextmanager

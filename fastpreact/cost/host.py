@@ -35,7 +35,8 @@ CASES = ("op", "step", "fwdbwd")
 @contextlib.contextmanager
 def stubbed_launches():
     """Every Triton launch returns at once (the interpreter's run replaced by a no-op)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    from ..functional import backends
+    if not backends.INTERPRET:
         raise RuntimeError("the host measurement needs TRITON_INTERPRET=1 set before triton is imported "
                            "(run `python -m fastpreact.cost.host`, which sets it)")
     from triton.runtime.interpreter import InterpretedFunction
@@ -149,6 +150,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":  # before triton is imported; the kernels never run
-        os.environ["TRITON_INTERPRET"] = "1"
+    from ..functional import backends
+    backends.interpret()  # before triton is imported; the kernels never run
     raise SystemExit(main())

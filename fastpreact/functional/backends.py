@@ -17,22 +17,36 @@ __all__ = ["backend", "use_triton", "eager", "KERNEL_DTYPES"]
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Whether Triton runs through its CPU interpreter: TRITON_INTERPRET=1 when this module is imported (the
+# variable must be set before triton is imported anyway). A module flag, read at every op: an os.environ
+# lookup costs microseconds. The tests' torch_backend fixture turns it off to run the PyTorch math.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpret(on: bool = True):
+    """Run the kernels on CPU tensors through Triton's interpreter (on) or not: sets TRITON_INTERPRET, which
+    triton reads when it is first imported, and the backend's flag. Returns the previous flag."""
+    global INTERPRET
+    previous, INTERPRET = INTERPRET, bool(on)
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return previous
+
+
 def backend(device: torch.device | str | None = None) -> str:
     """'triton' where the kernels can run on `device` (CUDA, or the CPU interpreter), else 'torch'.
     device=None asks about the default device: CUDA when this machine has one."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda":
-        return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton"
-    return "torch"
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return "triton" if kind == "cuda" or (kind == "cpu" and INTERPRET) else "torch"
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """The rule every op follows: the kernels run x when its device has them (backend), its dtype is one
     they take and it is not empty; otherwise the op's PyTorch math runs."""
-    return backend(x.device) == "triton" and x.dtype in KERNEL_DTYPES and x.numel() > 0
+    kind = x.device.type
+    return (kind == "cuda" or (kind == "cpu" and INTERPRET)) and x.dtype in KERNEL_DTYPES and x.numel() > 0
 
 
 def eager(x: torch.Tensor) -> bool:
@@ -97,7 +111,10 @@ def autocast_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 def autocast_off(device: torch.device):
-    """Autocast disabled: the Functions cast explicitly (meta tensors, for shape-only runs, have none)."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, enabled=False)
+    """Autocast disabled: the Functions cast explicitly (meta tensors, for shape-only runs, have none).
+    Nothing to do where it is off already (backward passes run without it): building a torch.autocast
+    costs tens of microseconds."""
+    kind = device.type
+    if (kind == "cuda" or kind == "cpu") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
     return contextlib.nullcontext()

@@ -118,8 +118,9 @@ def empty(shape, dtype, device, poison, channels_last=False):
 
 
 def dot_precision(dtype):
-    # fp16/bf16 products are exact on tensor cores; fp32 follows cuDNN's convolution TF32 switch.
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    # fp16/bf16 products are exact on tensor cores; fp32 follows cuDNN's convolution TF32 switch (read
+    # from torch._C: the torch.backends.cudnn property costs a microsecond, and every launch asks).
+    if dtype == torch.float32 and not torch._C._get_cudnn_allow_tf32():
         return "ieee"
     return "tf32"
 
