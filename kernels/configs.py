@@ -8,14 +8,17 @@ Per card family:
   hopper   (sm_90 H100/H200, sm_100 B200: 227 KiB shared memory per block) 128x128 and 128x256 tiles
            with 64-wide K steps keep the tensor cores fed at 3-4 pipeline stages; small tiles serve the
            7x7 and 14x14 stages, where M*N is small.
-  ampere   (sm_80 A100: 163 KiB) the Hopper list, less what does not fit.
+  ampere   (sm_80 A100: 163 KiB) Hopper-like shapes at 3 stages, with narrower K steps where 64 does
+           not fit beside fp32 weights, and mid-size tiles that fit fp32 (TF32) operands.
   small    (sm_89 L4/L40S/RTX 4090, sm_120 RTX 5090: 99 KiB) narrower K steps and 2-3 stages, with fp32
            variants that fit (an fp32 128x128x64 tile at 4 stages needs 256 KiB).
   interpreter  one small config per kernel (every program costs Python time), which still leaves tails
            in the tests' shapes.
-A config whose estimated pipelined shared memory (stages x operand tiles) exceeds the card's is dropped
-for that element size; the smallest always stays, so every kernel has a config on every card (the
-compile check, tests/_triton_aot.py --arch, compiles them and reports the real usage).
+A config whose estimated shared memory (shared_bytes: an upper bound of what triton compiles it to) exceeds
+the card's is dropped for that element size; the smallest always stays, so every kernel has a config on
+every card (the compile check, tests/_triton_aot.py --arch, compiles the configs for every card, fails
+when no config of a kernel variant fits or when candidates() offers one that does not, and reports the
+real usage).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from dataclasses import dataclass, field
 
 from .cards import Card
 
-__all__ = ["Tile", "candidates", "tiles", "shared_bytes", "TUNED_KERNELS", "FAMILY_CONFIGS", "dw_rows_per_split",
-           "min_param", "all_configs"]
+__all__ = ["Tile", "candidates", "tiles", "shared_bytes", "TUNED_KERNELS", "FAMILY_CONFIGS", "min_param",
+           "all_configs"]
 
 
 @dataclass(frozen=True)
@@ -54,43 +57,94 @@ def _tile(bm, bn, bk, warps, stages, group_m=None):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per kernel and card family. Tile roles:
 #   forward  BLOCK_M rows x BLOCK_N output channels, reduction over BLOCK_K input channels
-#   dW       BLOCK_N output x BLOCK_K input channels, reduction over BLOCK_M rows
-#   dz       BLOCK_M rows x BLOCK_K input channels, reduction over BLOCK_N output channels
+#   reduce   BLOCK_N output x BLOCK_K input channels (dW's tile; dz's sums for that N tile), over BLOCK_M
+#            rows per step (backward pass 1)
+#   dz, dgrad  BLOCK_M rows x BLOCK_K input channels, reduction over BLOCK_N output channels
 _HOPPER = {
     "bn_relu_conv1x1_fwd": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
-    "bn_relu_conv1x1_bwd_dw": [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
-                               (128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (32, 64, 64, 4, 2)],
     "bn_relu_conv1x1_bwd_dz": [(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4),
                                (64, 64, 64, 4, 4), (128, 32, 128, 8, 4), (64, 32, 64, 4, 2)],
+    "bn_relu_conv1x1_bwd_reduce": [(64, 128, 128, 8, 3), (64, 256, 64, 8, 2), (64, 128, 64, 4, 3),
+                                   (64, 64, 128, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
+    "bn_relu_conv1x1_bwd_dgrad": [(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4),
+                                  (64, 64, 64, 4, 4), (128, 32, 128, 8, 4), (64, 32, 64, 4, 2)],
 }
 _SMALL = {
     "bn_relu_conv1x1_fwd": [(128, 128, 32, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
                             (64, 64, 64, 4, 3), (64, 64, 32, 4, 2)],
-    "bn_relu_conv1x1_bwd_dw": [(64, 128, 64, 4, 3), (64, 64, 128, 4, 2), (64, 64, 64, 4, 3),
-                               (32, 64, 64, 4, 2)],
     "bn_relu_conv1x1_bwd_dz": [(128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 32, 64, 4, 3),
                                (64, 32, 64, 4, 2)],
+    "bn_relu_conv1x1_bwd_reduce": [(64, 128, 64, 4, 2), (64, 64, 128, 4, 2), (64, 64, 64, 4, 3),
+                                   (32, 64, 64, 4, 2)],
+    "bn_relu_conv1x1_bwd_dgrad": [(128, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 32, 64, 4, 3),
+                                  (64, 32, 64, 4, 2)],
+}
+# A100 (163 KiB): the Hopper shapes that fit with fp32 weights (autocast) at 3 stages, narrower K steps
+# where 64 does not, and mid-size tiles that still fit fp32 (TF32) operands.
+_AMPERE = {
+    "bn_relu_conv1x1_fwd": [(128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+                            (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)],
+    "bn_relu_conv1x1_bwd_dz": [(128, 64, 128, 8, 3), (128, 64, 64, 4, 3), (64, 64, 128, 4, 3),
+                               (64, 64, 64, 4, 3), (128, 32, 128, 8, 3), (64, 32, 64, 4, 2)],
+    "bn_relu_conv1x1_bwd_reduce": [(64, 128, 128, 8, 2), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3),
+                                   (64, 64, 128, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2)],
+    "bn_relu_conv1x1_bwd_dgrad": [(128, 64, 128, 8, 3), (128, 64, 64, 4, 3), (64, 64, 128, 4, 3),
+                                  (64, 64, 64, 4, 3), (128, 32, 128, 8, 3), (64, 32, 64, 4, 2)],
 }
 _INTERPRETER = {
     "bn_relu_conv1x1_fwd": [(32, 32, 16, 4, 1)],
-    "bn_relu_conv1x1_bwd_dw": [(32, 32, 16, 4, 1)],
     "bn_relu_conv1x1_bwd_dz": [(32, 32, 16, 4, 1)],
+    "bn_relu_conv1x1_bwd_reduce": [(32, 32, 16, 4, 1)],
+    "bn_relu_conv1x1_bwd_dgrad": [(32, 32, 16, 4, 1)],
 }
-FAMILY_CONFIGS = {"hopper": _HOPPER, "ampere": _HOPPER, "small": _SMALL, "interpreter": _INTERPRETER}
+FAMILY_CONFIGS = {"hopper": _HOPPER, "ampere": _AMPERE, "small": _SMALL, "interpreter": _INTERPRETER}
 # Kernels with a GROUP_M swizzle (grouped program order), per family.
-_GROUP_M = {"bn_relu_conv1x1_fwd": 8, "bn_relu_conv1x1_bwd_dz": 8}
+_GROUP_M = {"bn_relu_conv1x1_fwd": 8, "bn_relu_conv1x1_bwd_dz": 8, "bn_relu_conv1x1_bwd_dgrad": 8}
 _GROUP_M_INTERPRETER = 4
 TUNED_KERNELS = tuple(_HOPPER)
 
 
+# The estimate follows what triton (3.6 and 3.8) allocates for these kernels, read from their compiled
+# shared memory on sm_80, sm_89, sm_90, sm_100 and sm_120 (tests/_triton_aot.py --arch, report
+# "shared_memory"): each global load inside the K loop is pipelined through num_stages - 1 buffers of
+# its own dtype (the weight is an fp32 parameter under autocast: 4 bytes whatever the compute dtype);
+# each MMA operand computed in registers that the MMA reads from shared memory (the weight rounded to the
+# compute dtype, relu(bn(x)) as dW's B operand, a gradient gathered from two outputs) takes one buffer
+# more in the compute dtype; the gradient tile of a dual output is read by two loads. The worst code
+# variant and the worst card set it (fp32 dz on sm_90 takes one more weight-sized buffer; IEEE fp32
+# products on sm_89/sm_120 one more activation-sized one); _SLACK covers barriers and the epilogue's
+# small scratch. The compile check reports the estimate beside the compiled size of every config, and
+# fails when the estimate lets candidates() offer a config whose compiled size does not fit.
+_WEIGHT_BYTES = 4
+_SLACK = 1024
+
+
 def shared_bytes(kernel: str, tile: Tile, elem_bytes: int) -> int:
-    """Estimated shared memory of a pipelined GEMM tile: stages x (A tile + B tile) x element size."""
+    """Estimated shared memory (bytes) of a tuned GEMM kernel's tile with operands of elem_bytes bytes: an
+    upper bound of what its worst code variant compiles to on any card (see the comment above)."""
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
-    per_stage = {"bn_relu_conv1x1_fwd": bm * bk + bk * bn,
-                 "bn_relu_conv1x1_bwd_dw": bm * bn + bm * bk,
-                 "bn_relu_conv1x1_bwd_dz": bm * bn + bn * bk}[kernel]
-    return max(tile.num_stages, 1) * per_stage * elem_bytes
+    e, w, depth = elem_bytes, max(elem_bytes, _WEIGHT_BYTES), max(tile.num_stages - 1, 1)
+    if kernel == "bn_relu_conv1x1_fwd":
+        # loads: x [BM, BK], W [BK, BN], the 4 BN vectors [BK] fp32; operands: W in the compute dtype, and
+        # relu(bn(x)) only with fp32 operands (IEEE fp32 products run on FMAs, which read both operands
+        # from shared memory on sm_89/sm_120; a tensor-core MMA takes it from registers)
+        loads, operands = bm * bk * e + bk * bn * w + 4 * bk * 4, bk * bn * e + (bm * bk * e if e >= 4 else 0)
+    elif kernel == "bn_relu_conv1x1_bwd_dz":
+        # loads: dy [BM, BN] twice (dual outputs), W [BN, BK]; operands: dy, W in the compute dtype (twice
+        # with fp32 operands)
+        loads, operands = 2 * bm * bn * e + bn * bk * w, bm * bn * e + bn * bk * e * (2 if e >= 4 else 1)
+    elif kernel == "bn_relu_conv1x1_bwd_reduce":
+        # loads: dy [BM, BN] twice (dual outputs), x [BM, BK] (W [BN, BK] once, before the loop: not
+        # pipelined); operands: relu(bn(x)), W in the compute dtype, dy and dy^T (one buffer each when
+        # both products run: dW's and the sums')
+        loads, operands = 2 * bm * bn * e + bm * bk * e, bm * bk * e + bn * bk * e + 2 * bm * bn * e
+    elif kernel == "bn_relu_conv1x1_bwd_dgrad":
+        # as dz's: loads dy [BM, BN] twice (dual outputs), W [BN, BK]; operands dy, W in the compute dtype
+        loads, operands = 2 * bm * bn * e + bn * bk * w, bm * bn * e + bn * bk * e * (2 if e >= 4 else 1)
+    else:
+        raise KeyError(f"no shared-memory estimate for kernel {kernel!r}")
+    return depth * loads + operands + _SLACK
 
 
 def _all(kernel: str, card: Card):
@@ -134,10 +188,6 @@ def min_param(kernel: str, card: Card, param: str) -> int:
     return found
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -163,15 +213,3 @@ def tiles(kernel: str, card: Card) -> dict:
     if kernel == "bn_relu_conv1x1_bwd_dx":
         return dict(BLOCK_M=64, BLOCK_K=32 if interp else 64, num_warps=4)
     raise KeyError(f"no fixed tile for kernel {kernel!r}")
-
-
-def dw_rows_per_split(M: int, K: int, N: int, card: Card) -> int:
-    """Rows of the dW reduction per grid column: enough columns to fill the card, each long enough to
-    amortise its fp32 partial (N*K*4 bytes). The interpreter uses short splits, so tests cover the merge."""
-    if card.is_interpreter:
-        return 128
-    # ~2 waves over the (C_out, C_in) tiles, at least 1024 rows per split so that the fp32 partials
-    # (splits * N * K * 4 bytes) stay small against the activations read (M * (K + N) * e).
-    tiles_ = _cdiv(N, 128) * _cdiv(K, 128)
-    splits = max(1, min(_cdiv(2 * card.sms, tiles_), _cdiv(M, 1024)))
-    return _cdiv(_cdiv(M, splits), 128) * 128
