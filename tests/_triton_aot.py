@@ -18,9 +18,9 @@ kernel or a config needs no edit here.
    pointer dtypes, i32/i64, divisibility hints, constexprs, options). A tuned launch
    (kernels/tuning.py TunedKernel.run) never times anything here: it records the launch once per config
    of configs.all_configs(kernel, card) (every config the card may build, also those the runtime's
-   shared-memory estimate drops), with that tile's grid. The Triton path is forced
-   (functional.backends.backend says "triton"); outputs are never written and nothing downstream depends
-   on their values (the library never branches on tensor data on the host).
+   shared-memory estimate drops), with that tile's grid. The Triton path is forced (functional.backends
+   .INTERPRET is set: backend() says "triton" for CPU tensors); outputs are never written and nothing
+   downstream depends on their values (the library never branches on tensor data on the host).
 2. derive: the tile constexprs of a kernel are the keys of its configs' params; every other constexpr
    selects code. A boolean code constexpr that the entry points only ever launch one way is flipped on
    a recorded variant (with each of its configs), so both of its code paths compile.
@@ -359,7 +359,7 @@ def exercise(recorder, dtypes=tuple(DTYPES)):
     """Run every combination of GRIDS in the compute dtypes `dtypes`; returns [(context, error)] for the
     calls that raised."""
     from fastpreact.functional import backends
-    backends.backend = lambda device=None: "triton"  # the Triton path on CPU tensors, for every op
+    backends.INTERPRET = True  # the Triton path on CPU tensors, for every op (TRITON_INTERPRET stays unset)
     errors, saved_tf32 = [], torch.backends.cudnn.allow_tf32
     for entry, grid in GRIDS.items():
         for values in itertools.product(*grid.values()):
