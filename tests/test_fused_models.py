@@ -147,7 +147,9 @@ def test_fused_state_dict_keys_and_shapes_equal_stock(arch, unit):
 def test_statistics_chained_between_kernels(monkeypatch):
     """Training forward of a fused pre-act net: every BN1 after the first unit, every BN2 and the final
     BN get their batch statistics from the producing kernel's epilogue (input_stats), and they are the
-    true statistics of that input."""
+    true statistics of that input. Seen on the per-op path (the one-node path launches the same kernels
+    with the same arguments: test_bottleneck_as_one_node_is_bit_identical_to_its_ops)."""
+    monkeypatch.setattr(Fp, "bottleneck_eligible", lambda *a, **k: False)
     seen = []
 
     def spy(fn, name):
@@ -349,3 +351,58 @@ def test_fused_training_step_cuda_graph_bf16():
             torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=k)
         else:
             assert torch.equal(a, b), k
+
+
+@pytest.mark.skipif(not Fp.backend("cpu") == "triton", reason="the unit node runs on the Triton path")
+@pytest.mark.parametrize("arch,kw,size,amp", [(*CIFAR_NET, None), (*CIFAR_NET, torch.float16), (*IMAGENET_NET, None)],
+                         ids=["cifar-resnet11", "cifar-resnet11-fp16-autocast", "imagenet-resnet14"])
+def test_bottleneck_as_one_node_is_bit_identical_to_its_ops(arch, kw, size, amp, monkeypatch):
+    """A pre-activation bottleneck in training runs as one autograd node (functional.preact_bottleneck):
+    the same launches as its three fused ops, so two SGD steps give the same bits, BN buffers included."""
+    from fastpreact.functional import bottleneck
+    results = []
+    for one_node in (True, False):
+        if not one_node:
+            monkeypatch.setattr(Fp, "bottleneck_eligible", lambda *a, **k: False)
+        used = []
+        orig = bottleneck._PreActBottleneck.apply
+        monkeypatch.setattr(bottleneck._PreActBottleneck, "apply", lambda *a: used.append(1) or orig(*a))
+        torch.manual_seed(0)
+        model = channels_last(create_model(arch, 10, kernels="fused", **kw))
+        x, y = channels_last(torch.randn(8, 3, size, size)), torch.arange(8) % 10
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert bool(used) == one_node, "the unit node ran where it should not, or not where it should"
+        results.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
+    (l1, s1), (l2, s2) = results
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2)), (l1, l2)
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+
+
+@pytest.mark.skipif(not Fp.backend("cpu") == "triton", reason="the unit node runs on the Triton path")
+@pytest.mark.parametrize("in_chs,out_chs,stride", [(16, 16, 1), (8, 16, 2)], ids=["identity", "projection"])
+def test_one_node_unit_with_an_fp32_input_under_autocast(in_chs, out_chs, stride, monkeypatch):
+    """A single unit fed an fp32 x under fp16 autocast (the identity shortcut's gradient then changes
+    dtype on its way back): one node and three ops agree bit for bit, gradients and BN buffers included."""
+    outs = []
+    for one_node in (True, False):
+        if not one_node:
+            monkeypatch.setattr(Fp, "bottleneck_eligible", lambda *a, **k: False)
+        torch.manual_seed(3)
+        unit = channels_last(FusedPreActBottleneck(in_chs, out_chs, stride=stride, norm_layer=FusedBatchNormReLU2d))
+        x = channels_last(torch.randn(4, in_chs, 6, 6)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            y, stats = unit.forward_with_stats(x)
+        y.float().square().sum().backward()
+        outs.append([y, stats.mean, stats.var, x.grad] + [p.grad for p in unit.parameters()]
+                    + list(unit.buffers()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

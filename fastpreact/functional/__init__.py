@@ -28,6 +28,8 @@ Modules:
   conv1x1_ops their Triton side: implementations, operators, the autograd Function, ShortcutGrad
   bn_relu     bn_relu, bn_relu_conv2d, bn_relu_max_pool2d: the elementwise BN-ReLU pass
               (kernels/bn_relu.py) alone or feeding a 3x3 conv or the stem's max-pool
+  bottleneck  preact_bottleneck: a pre-activation bottleneck in training as one autograd node (the same
+              launches as its three ops, without their per-op Python)
   library     the torch.library registration helper (torch.ops.fastpreact.*, fake implementations),
               so that dynamo and torch.compile trace every op without a graph break
 
@@ -36,9 +38,10 @@ Nothing here imports triton before a kernel first runs, and nothing synchronises
 from .backends import backend, use_triton  # noqa: F401
 from .batchnorm import batch_stats, bn_args, bn_stats, update_running_stats  # noqa: F401
 from .bn_relu import bn_relu, bn_relu_conv2d, bn_relu_max_pool2d  # noqa: F401
+from .bottleneck import eligible as bottleneck_eligible, preact_bottleneck  # noqa: F401
 from .conv1x1 import Fusable, ShortcutGrad, bn_relu_conv1x1, bn_relu_conv1x1_dual, conv1x1_fusable  # noqa: F401
 from .types import BNFinish, BNStats  # noqa: F401
 
 __all__ = ["bn_relu_conv1x1", "bn_relu_conv1x1_dual", "batch_stats", "bn_stats", "bn_args", "backend", "use_triton",
            "update_running_stats", "conv1x1_fusable", "Fusable", "bn_relu", "bn_relu_conv2d", "bn_relu_max_pool2d",
-           "ShortcutGrad", "BNStats", "BNFinish"]
+           "ShortcutGrad", "BNStats", "BNFinish", "preact_bottleneck", "bottleneck_eligible"]

@@ -43,6 +43,8 @@ class FusedPreActBottleneck(PreActBottleneck):
         """(unit output, its batch statistics or None); `stats`: x's batch statistics, or None; next_bn:
         the BatchNorm consuming the output, finished in conv3's launch (then the statistics returned are
         the BNStats it normalises with)."""
+        if Fp.bottleneck_eligible(x, self, stats, next_bn):  # the whole unit as one autograd node
+            return Fp.preact_bottleneck(x, self, stats, next_bn)
         emit = self.training  # statistics are only worth emitting for a consumer in training mode
         link, norm2 = None, self.norm2 if self.training else None  # norm2 is finished by conv1's launch
         if self.norm1 is not None:
