@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch import nn
 
-import _bench as B
+from benchmarks import _bench as B
 
 NETS = {  # the nets whose shapes are benchmarked, at the batch and image size of the training recipes
     "resnet200": dict(batch=64, image=224, num_classes=1000, tiny_div=8),

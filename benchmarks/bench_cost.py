@@ -11,7 +11,7 @@ img/s, and fused / stock ratios. Where committed GPU results (benchmarks/results
 hold a measured eager train_step row of the same net, a "step_cost vs measured" row puts prediction and
 measurement side by side.
 
-    python benchmarks/bench_cost.py            # the resnet200 table of the README ("Where the time goes"),
+    python -m benchmarks.bench_cost            # the resnet200 table of the README ("Where the time goes"),
                                                # then one fused / stock line per net
 """
 from __future__ import annotations
@@ -19,12 +19,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench as B  # noqa: E402
+from benchmarks import _bench as B
 
 NAME = "step_cost (MODEL: predicted, not measured)"
 NAME_VS = "step_cost vs measured (MODEL / measurement)"

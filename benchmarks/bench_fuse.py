@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import _bench as B
+from benchmarks import _bench as B
 
 BATCH, IMAGE, NUM_CLASSES = (64, 224, 1000) if B.FULL else (2, 16, 10)
 MODELS = ("torchvision/resnet50", "timm/resnetv2_50", "timm/resnetv2_101")

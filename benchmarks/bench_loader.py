@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import _bench as B
+from benchmarks import _bench as B
 
 BATCH = {"cifar10": 256, "shapes10": 256, "imagenet": 64} if B.FULL else {"cifar10": 8, "shapes10": 8, "imagenet": 4}
 CIFAR_PER_FILE = 2000 if B.FULL else 40          # 5 train files + 1 test file

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-import _bench as B
+from benchmarks import _bench as B
 from bench_train_step import build
 
 ARCH, IMAGE, NUM_CLASSES = "resnet200", 224, 1000

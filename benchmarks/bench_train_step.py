@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import _bench as B
+from benchmarks import _bench as B
 
 if B.FULL:
     NETS = {

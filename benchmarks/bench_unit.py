@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import _bench as B
+from benchmarks import _bench as B
 
 if B.FULL:
     NETS = {"resnet200": dict(batch=64, image=224, num_classes=1000),

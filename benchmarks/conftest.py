@@ -8,7 +8,6 @@
   (FASTPREACT_RESULTS_DIR overrides the directory); see _bench.py.
 """
 import os
-import sys
 
 import torch
 
@@ -20,8 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench  # noqa: E402
+from benchmarks import _bench  # noqa: E402
 
 try:
     import pytest_benchmark  # noqa: F401

@@ -29,7 +29,7 @@ OUTDIR=${1:-benchmarks/results}
 mkdir -p "$OUTDIR" || { echo "gpu_check: cannot create $OUTDIR; pass a writable directory"; exit 2; }
 OUTDIR=$(cd "$OUTDIR" && pwd)
 DATE=$(date -u +%Y-%m-%d)
-SLUG=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import _bench; print(_bench.device_slug())" 2>/dev/null)
+SLUG=$("$PY" -c "from benchmarks import _bench; print(_bench.device_slug())" 2>/dev/null)
 if [ -z "$SLUG" ]; then echo "gpu_check: '$PY' cannot import torch; set PYTHON to the interpreter that has it"; exit 2; fi
 STEM="$DATE-$SLUG"
 ENVLOG="$OUTDIR/$STEM-env.log"
@@ -120,8 +120,8 @@ stage units-fuse-maxbatch-loaders 180 "$BENCHLOG" \
   "${BENCH[@]}" benchmarks/bench_unit.py benchmarks/bench_fuse.py benchmarks/bench_max_batch.py benchmarks/bench_loader.py
 
 if [ -f "$OUTDIR/$STEM.json" ]; then
-  "$PY" benchmarks/render_results.py --results "$OUTDIR/$STEM.json" > "$OUTDIR/$STEM-readme.md" 2>> "$ENVLOG" \
-    && log "README table: $STEM-readme.md (python benchmarks/render_results.py --write puts it into README.md)"
+  "$PY" -m benchmarks.render_results --results "$OUTDIR/$STEM.json" > "$OUTDIR/$STEM-readme.md" 2>> "$ENVLOG" \
+    && log "README table: $STEM-readme.md (python -m benchmarks.render_results --write puts it into README.md)"
 else
   log "no results JSON was written"
 fi

@@ -1,9 +1,9 @@
 """Render the newest GPU benchmark results into README.md's performance table and a bar chart.
 
-    python benchmarks/render_results.py            # print the table (markdown) for the newest GPU run
-    python benchmarks/render_results.py --write    # also replace README.md's block between
+    python -m benchmarks.render_results            # print the table (markdown) for the newest GPU run
+    python -m benchmarks.render_results --write    # also replace README.md's block between
                                                    #   <!-- perf-table:start --> and <!-- perf-table:end -->
-    python benchmarks/render_results.py --results benchmarks/results/2026-11-27-h100.json
+    python -m benchmarks.render_results --results benchmarks/results/2026-11-27-h100.json
 
 It reads benchmarks/results/<date>-<slug>.json (written by `pytest benchmarks --benchmark`), skips CPU
 runs (tiny sizes through the Triton interpreter: never performance) unless --results names one, and

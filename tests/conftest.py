@@ -19,6 +19,27 @@ else:
 
 import pytest  # noqa: E402
 
+# The kernels on CPU tensors: the interpreter (and no GPU, whose own tests cover the same ground).
+requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                          reason="needs TRITON_INTERPRET=1 (the kernels on CPU tensors)")
+
+
+def channels_last(t):
+    """A tensor or a model in the channels-last memory format."""
+    if isinstance(t, torch.nn.Module):
+        return t.to(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny nets gain nothing from threads, and one thread gives one
+    order of floating-point reduction for runs that are compared bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture
 def poison_outputs(monkeypatch):

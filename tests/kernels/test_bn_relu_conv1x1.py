@@ -6,7 +6,6 @@ starts as NaN (FASTPREACT_POISON=1), so an element a kernel never writes fails. 
 float64 closely; low precision uses flash-attention's oracle, relative to PyTorch's own error at that
 precision: |ours - ref64| <= 2 * |torch_lowp - ref64| + atol.
 """
-import os
 
 import pytest
 import torch
@@ -17,14 +16,12 @@ import fastpreact
 from fastpreact import functional as Fp
 from fastpreact import reference
 from oracle import assert_close64, assert_oracle
-from conftest import use_torch_backend
+from conftest import channels_last, requires_interpreter, use_torch_backend
 
 CUDA = torch.cuda.is_available()
 
 
 # Tests that call the kernels on CPU tensors need the interpreter (on a GPU machine the gpu tests run them).
-requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                          reason="needs TRITON_INTERPRET=1 (the kernels on CPU tensors)")
 
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
@@ -599,9 +596,6 @@ def test_next_bn_is_finished_like_bn_stats(momentum, dual):
 # The backward launcher itself (kernels.bn_relu_conv1x1_bwd): both paths (two passes, three passes),
 # every call shape, on given statistics, against float64 and, in low precision, stock autocast
 # ---------------------------------------------------------------------------------------------------
-def _cl(t):
-    return t.contiguous(memory_format=torch.channels_last)
-
 
 def _bwd_inputs(n, c, h, w, cout, stride, dtype, x_dtype, batch_stats, seed):
     """Inputs in fp32 holding the values each dtype can hold: x on x_dtype's grid, dy on the compute
@@ -642,16 +636,16 @@ def _bwd_case(n, c, h, w, cout, stride, *, dtype=torch.float32, x_dtype=None, ba
     from fastpreact.kernels import bn_relu_conv1x1 as kc
     x_dtype = x_dtype or dtype
     inp = _bwd_inputs(n, c, h, w, cout, stride, dtype, x_dtype, batch_stats, seed)
-    x = _cl(inp["x"].to(x_dtype))
+    x = channels_last(inp["x"].to(x_dtype))
     if batch_stats:
         x64 = inp["x"].double()
         mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
     else:
         mean, var = inp["rm"].double(), inp["rv"].double()
     rstd = (var + eps).rsqrt().float()
-    dy_all = _cl(inp["dy"].to(dtype))
-    dy, dy2 = (_cl(dy_all[:, :split]), _cl(dy_all[:, split:])) if split else (dy_all, None)
-    addend = _cl(inp["add"].to(x_dtype)) if add else None
+    dy_all = channels_last(inp["dy"].to(dtype))
+    dy, dy2 = (channels_last(dy_all[:, :split]), channels_last(dy_all[:, split:])) if split else (dy_all, None)
+    addend = channels_last(inp["add"].to(x_dtype)) if add else None
     kw = {add: addend.clone()} if add else {}
     out = kc.bn_relu_conv1x1_bwd(x, dy, inp["w"], mean.float(), rstd, inp["gamma"], inp["beta"], stride=stride,
                                  dy2=dy2, batch_stats=batch_stats, need_x=need[0], need_w=need[1], need_bn=need[2],
@@ -729,7 +723,7 @@ def test_fp32_input_with_a_16bit_compute_dtype(stride, dtype):
     inp = _bwd_inputs(3, 40, 6, 5, 33, stride, dtype, torch.float32, True, 22)
     x64 = inp["x"].double()
     mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
-    y = kc.bn_relu_conv1x1_fwd(_cl(inp["x"]), inp["w"], mean.float(), (var + 1e-5).rsqrt().float(), inp["gamma"],
+    y = kc.bn_relu_conv1x1_fwd(channels_last(inp["x"]), inp["w"], mean.float(), (var + 1e-5).rsqrt().float(), inp["gamma"],
                                inp["beta"], stride=stride, out_dtype=dtype, poison=True)[0]
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     ys = {}
@@ -802,9 +796,9 @@ def test_fp32_input_keeps_relu_masks_near_the_threshold(passes):
     rstd = (inp["rv"] + 1e-5).rsqrt()
     ref = _bwd_reference(inp, 1, False, dtype, "ref64")
     stock = _bwd_reference(inp, 1, False, dtype, "stock")
-    dy = _cl(inp["dy"].to(dtype))
+    dy = channels_last(inp["dy"].to(dtype))
     for x_dtype in (torch.float32, dtype):
-        dx = kc.bn_relu_conv1x1_bwd(_cl(inp["x"].to(x_dtype)), dy, inp["w"], inp["rm"], rstd, inp["gamma"],
+        dx = kc.bn_relu_conv1x1_bwd(channels_last(inp["x"].to(x_dtype)), dy, inp["w"], inp["rm"], rstd, inp["gamma"],
                                     inp["beta"], batch_stats=False, passes=passes, poison=True)[0]
         if x_dtype == torch.float32:
             _assert_oracle("dx", dx, ref[0], stock[0], dtype=dtype)

@@ -49,7 +49,7 @@ raised; a kernel is never exercised; or the self-test (an 8x8 tl.dot must fail, 
 does not hold. The JSON report (--out) holds every compiled variant and, per tuned kernel and dtype,
 whether some config fits and each config's compiled shared bytes beside the runtime's estimate.
 
-Run:  python tests/_triton_aot.py [--arch 80|89|90|100|120] [--out report.json] [--jobs 2] [--full]
+Run:  python tests/kernels/_triton_aot.py [--arch 80|89|90|100|120] [--out report.json] [--jobs 2] [--full]
       [--plan default|full|runtime] [--dtypes fp32,fp16,bf16] [--quiet]
 Exit status 0 when the check passes, 1 when not, 3 when this triton's launch internals are not the ones
 the recorder replays (triton < 3.6).
@@ -72,7 +72,7 @@ import time
 import traceback
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # must be decided before triton is imported
-    raise SystemExit("tests/_triton_aot.py must run without TRITON_INTERPRET=1 (it compiles for the GPU)")
+    raise SystemExit("tests/kernels/_triton_aot.py must run without TRITON_INTERPRET=1 (it compiles for the GPU)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -261,7 +261,7 @@ class Recorder:
             return recorder.tuned_run(tk, grid, args, card=card, device=device, dtype=dtype, **constexprs)
 
         def no_benchmark(call):
-            raise RuntimeError("tests/_triton_aot.py: a kernel launch was timed while recording (nothing runs here)")
+            raise RuntimeError("tests/kernels/_triton_aot.py: a kernel launch was timed while recording (nothing runs here)")
 
         JITFunction.run, tuning.TunedKernel.run, tuning.benchmark = jit_run, tuned_run, no_benchmark
 

@@ -17,17 +17,11 @@ from fastpreact.train import worker
 from fastpreact.train.options import lr_at, resolve_config
 from fastpreact.train.step import GRAPH_WARMUP_STEPS, GraphedStep, StaticBatch, bind_lr_tensor, make_train_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 from test_data_imagenet import _make_tree
 
 STEPS = 8  # with --iters 8 --warmup-iters 2: lr/10 for 2 steps, /10 at 4 and 6 (32k and 48k of 64k)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one order of floating-point reduction for both runs
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(graphs, device="cpu", **opts):

@@ -20,6 +20,7 @@ import fastpreact
 from fastpreact import functional as Fp
 from fastpreact import fused_chains
 from fastpreact.models import create_model
+from conftest import channels_last
 
 pytestmark = pytest.mark.skipif(Fp.backend("cpu") != "triton",
                                 reason="needs the Triton backend on the CPU (TRITON_INTERPRET=1)")
@@ -36,10 +37,6 @@ NETS = {
     "imagenet original bottleneck": ("resnet14", dict(IMAGENET_TINY, block="bottleneck", unit="original"), 32),
     "imagenet original basic": ("resnet10", dict(IMAGENET_TINY, block="basic", unit="original"), 32),
 }
-
-
-def channels_last(t):
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 def small_net(name, seed=0):

@@ -181,7 +181,6 @@ def test_the_launcher_finds_input_errors_once_before_any_worker_starts(two_worke
 
 
 def test_the_launcher_runs_the_workers(tmp_path):
-    out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", LAUNCH, "2", "shapes10", "--device", "cpu", "--arch", "resnet8",
                            "--batch-size", "32", "--train-size", "128", "--val-size", "32", "--iters", "4"],
                           env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)

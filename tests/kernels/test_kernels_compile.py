@@ -2,7 +2,7 @@
 L4/L40S/RTX 4090, sm_90 H100/H200, sm_100 B200, sm_120 RTX 5090), checked on a machine without a GPU.
 
 The other kernel tests run through TRITON_INTERPRET=1, which accepts code the GPU compiler rejects and
-knows nothing of shared memory, registers or tensor cores. Here tests/_triton_aot.py runs in
+knows nothing of shared memory, registers or tensor cores. Here tests/kernels/_triton_aot.py runs in
 subprocesses WITHOUT the interpreter: it records the kernel launches of the public entry points inside
 kernels.cards.pretend(card) (that card's fixed tiles, and every config of its tuned kernels), and
 compiles them with triton.compile(..., target=GPUTarget("cuda", arch, 32)) down to PTX and a cubin (the
@@ -19,7 +19,7 @@ wheel's ptxas; no CUDA driver needed).
          runtime's shared-memory estimate). Left to sm_90's default plan: the code paths (they compile the
          same way for every card), fp16 (compiled sizes and instruction family as bf16's), fp32 on
          sm_100 (the Hopper configs, compiled sizes within 16 bytes of sm_90's) and on sm_120 (the
-         configs and shared memory of sm_89, identical compiled sizes). `python tests/_triton_aot.py
+         configs and shared memory of sm_89, identical compiled sizes). `python tests/kernels/_triton_aot.py
          --arch N` runs the default plan for any card.
 The five run concurrently (~3 minutes of two cores' time when nothing else runs; ~5 under load); one
 fixture feeds every test below, per card.
@@ -79,7 +79,7 @@ def reports(tmp_path_factory):
         if proc.returncode == 3:
             found[arch] = {"skip": stdout.strip().splitlines()[-1] if stdout.strip() else "unsupported triton"}
         elif not out.exists():
-            found[arch] = {"crash": f"tests/_triton_aot.py --arch {arch} crashed (exit {proc.returncode}):\n"
+            found[arch] = {"crash": f"tests/kernels/_triton_aot.py --arch {arch} crashed (exit {proc.returncode}):\n"
                                     f"{stdout[-3000:]}\n{stderr[-5000:]}"}
         else:
             found[arch] = dict(json.loads(out.read_text()), returncode=proc.returncode, log=stdout,
@@ -113,11 +113,11 @@ def test_entry_points_ran(report):
 
 def test_every_kernel_is_exercised(report):
     # A kernel no entry point launches (and no launched kernel calls) would escape the compile check:
-    # add the entry point that launches it to GRIDS in tests/_triton_aot.py, or list it with a reason in
+    # add the entry point that launches it to GRIDS in tests/kernels/_triton_aot.py, or list it with a reason in
     # UNEXERCISED_ALLOWED.
     assert report["discovered"], "no Triton JIT functions found in fastpreact.kernels"
     assert not report["unexercised"], (f"kernels never launched by any entry point (add its "
-                                       f"entry point to GRIDS in tests/_triton_aot.py): {report['unexercised']}")
+                                       f"entry point to GRIDS in tests/kernels/_triton_aot.py): {report['unexercised']}")
 
 
 def test_every_kernel_variant_compiles(report):

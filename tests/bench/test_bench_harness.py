@@ -1,6 +1,7 @@
 """Self-checks of the benchmark machinery (results file, pairing, README rendering); no timing.
 
-They run with the suites (`pytest benchmarks --benchmark`) and take well under a second.
+They run in the test suite (pytest.ini puts the repository on the path, where benchmarks/ is a package)
+and take well under a second.
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import os
 
 import pytest
 
-import _bench as B
-import render_results as R
+from benchmarks import _bench as B
+from benchmarks import render_results as R
 
 
 @pytest.fixture

@@ -16,16 +16,9 @@ from fastpreact.train.checkpoint import (atomic_torch_save, list_checkpoints, lo
                                    newest_valid_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from fastpreact.models import create_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--arch", "resnet8", "--batch-size", "16", "--train-size", "128", "--val-size", "64"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny nets gain nothing from threads, and on a shared 2-core machine threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_main(argv, capsys):

@@ -15,20 +15,15 @@ import fastpreact.functional as Fp
 from fastpreact.models import create_model
 from gpu_emulation import REPEATS, autotuning, launch_devices, shuffled_grid
 from oracle import assert_oracle
+from conftest import channels_last, requires_interpreter
 
 pytestmark = pytest.mark.skipif(Fp.backend("cpu") != "triton" and not torch.cuda.is_available(),
                                 reason="needs the Triton backend (a GPU, or TRITON_INTERPRET=1)")
-interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="emulates the GPU in the interpreter")
 
 NETS = {  # (arch, create_model keywords, input size): every BN sees >= 32 values with a batch of 8
     "resnet11": ("resnet11", dict(widths=(4, 8, 8)), 12),
     "resnet18": ("resnet18", dict(widths=(4, 4, 8, 8)), 40),
 }
-
-
-def channels_last(t):
-    return t.to(memory_format=torch.channels_last) if isinstance(t, torch.nn.Module) else \
-        t.contiguous(memory_format=torch.channels_last)
 
 
 def _nets(name, momentum=0.1):
@@ -69,7 +64,7 @@ def _assert_like_stock(fused_out, stock_out, ref_out):
 
 
 # ------------------------------------------------------------------------------------------ autotuning
-@interpreter_only
+@requires_interpreter
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
 def test_training_step_under_autotuning_matches_stock(monkeypatch, momentum):
     """Each tuned kernel times several configs, each REPEATS times on the real arguments, before its real
@@ -87,7 +82,7 @@ def test_training_step_under_autotuning_matches_stock(monkeypatch, momentum):
     _assert_like_stock(out, _step(stock, x, y), _step(ref64, x.double(), y))
 
 
-@interpreter_only
+@requires_interpreter
 def test_autotuning_restores_the_finished_batchnorm(monkeypatch):
     """The forward kernel that finishes the consuming BatchNorm, tuned on its first call: the running
     statistics are updated once and num_batches_tracked counts one batch."""
@@ -105,7 +100,7 @@ def test_autotuning_restores_the_finished_batchnorm(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- grid order
-@interpreter_only
+@requires_interpreter
 @pytest.mark.parametrize("net", ["resnet11", "resnet18"])
 def test_any_program_may_finish_last(net):
     """A fused training step with every launch's programs run in shuffled orders is bit-identical to the
@@ -132,7 +127,7 @@ class _nothing:
         return False
 
 
-@interpreter_only
+@requires_interpreter
 def test_shuffled_grid_really_shuffles():
     """The emulation changes which program runs last (else the test above proves nothing)."""
     import triton
@@ -153,7 +148,7 @@ def test_shuffled_grid_really_shuffles():
 
 
 # ------------------------------------------------------------------------------------------ devices
-@interpreter_only
+@requires_interpreter
 def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     """Every kernel of a fused training step launches under the device guard of its tensors' device
     (Triton launches on the current CUDA device, not the tensors')."""
@@ -273,7 +268,7 @@ def test_tuning_table_pins_saves_and_loads(tmp_path):
         tuning.pin(saved)
 
 
-@interpreter_only
+@requires_interpreter
 def test_ranks_take_rank0s_tiles(monkeypatch):
     """Under coordinate(), rank 0 times the candidates and publishes its choice; another rank waits
     for it and launches the same tile without timing anything."""

@@ -3,12 +3,11 @@
 On a CPU the kernels run through TRITON_INTERPRET=1 (tests/conftest.py); outputs start as NaN
 (FASTPREACT_POISON=1), so an element a kernel never writes fails.
 """
-import os
 
 import pytest
 import torch
 
-from conftest import use_torch_backend
+from conftest import requires_interpreter, use_torch_backend
 from hypothesis import given, settings, strategies as st
 
 from fastpreact import functional as Fp
@@ -16,8 +15,6 @@ from fastpreact import reference
 
 
 # Tests that call the kernels on CPU tensors need the interpreter (on a GPU machine the gpu tests run them).
-requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                          reason="needs TRITON_INTERPRET=1 (the kernels on CPU tensors)")
 
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")

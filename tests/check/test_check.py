@@ -15,7 +15,7 @@ import torch
 
 from fastpreact import check
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNELS = {"bn_relu_conv1x1", "bn_relu_conv1x1_dual", "bn_relu_conv2d", "batch_stats", "unit"}
 DTYPES = {"fp32", "fp16", "bf16"}
 

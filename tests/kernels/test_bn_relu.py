@@ -16,13 +16,9 @@ from fastpreact import reference
 from fastpreact.functional import bn_relu_conv2d, bn_relu_max_pool2d
 from fastpreact.nn import BatchNormReLU2d, FusedBatchNormReLU2d
 from oracle import assert_close64
-from conftest import use_torch_backend
+from conftest import channels_last, use_torch_backend
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
-
-
-def channels_last(t):
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

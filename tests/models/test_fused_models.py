@@ -17,18 +17,11 @@ import fastpreact.functional as Fp
 from fastpreact.models import FusedPreActBottleneck, create_model, fused_components
 from fastpreact.nn import FusedBatchNormReLU2d
 from oracle import assert_oracle
-from conftest import use_torch_backend
+from conftest import channels_last, use_torch_backend
 
 # (arch, create_model keywords, input size): with a batch of 8 every BN sees >= 32 values per channel.
 CIFAR_NET = ("resnet11", dict(widths=(4, 8, 8)), 12)  # stride on the first 1x1, projections
 IMAGENET_NET = ("resnet14", dict(family="imagenet", layers=(1, 1, 1, 1), widths=(4, 4, 8, 8)), 48)
-
-
-def channels_last(t):
-    """A tensor or a model in the channels-last memory format."""
-    if isinstance(t, nn.Module):
-        return t.to(memory_format=torch.channels_last)
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 def sgd_steps(model, x, y, steps):

@@ -1,0 +1,1 @@
+"""The benchmark suites (`pytest benchmarks --benchmark`) and their shared machinery (_bench.py)."""
