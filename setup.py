@@ -32,7 +32,7 @@ setup(
     packages=(find_packages(include=["fastpreact", "fastpreact.*"]) + ["fastpreact.kernels"]
               + [f"fastpreact.kernels.{p}" for p in find_packages("kernels")]),
     package_dir={"fastpreact.kernels": "kernels"},
-    # Floors admit the GPU machine's offline software (torch 2.11, triton 3.6, torchvision 0.26).
+    # Floors: the oldest versions the code supports (torch.library.custom_op needs torch 2.4).
     install_requires=[
         "torch>=2.4",  # torch.library.custom_op / register_fake / register_autograd: the fused operators
         "torchvision>=0.19",

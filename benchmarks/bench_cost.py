@@ -159,7 +159,8 @@ def readme_table(arch="resnet200"):
                      f"{f['gb']:.3g} | {f['gflop']:.4g} | {s['h100_ms']:.3g} | {f['h100_ms']:.3g} |")
     s, f = stock[-1], fused[-1]
     lines += ["", f"Predicted H100 step: GPU {s['h100_gpu_ms']:.3g} ms stock, {f['h100_gpu_ms']:.3g} ms fused; "
-              f"host (assumed per-launch costs) {s['host_ms']:.3g} ms stock, {f['host_ms']:.3g} ms fused.",
+              f"host (per-launch costs measured with launches stubbed: fastpreact/cost/roofline.py) {s['host_ms']:.3g} ms "
+              f"stock, {f['host_ms']:.3g} ms fused.",
               f"Fused / stock: launches {f['launches_vs_stock']}, bytes {f['bytes_vs_stock']}, "
               f"predicted H100 step time {f['h100_vs_stock']}."]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # One intra-op thread: at the tiny CPU sizes, OpenMP threads on a busy 2-core machine spin against
+    # One intra-op thread: at the tiny CPU sizes, OpenMP threads on a loaded machine spin against
     # each other (a 2x8x7x7 conv step took 300 ms with 2 threads and 0.2 ms with one).
     torch.set_num_threads(int(os.environ.get("FASTPREACT_BENCH_CPU_THREADS", "1")))
 

@@ -4,7 +4,7 @@ Accepted under the data directory (first match wins):
   cifar-10-batches-py/{data_batch_1..5,test_batch}   cifar-100-python/{train,test}   (extracted)
   cifar-10-python.tar.gz                             cifar-100-python.tar.gz         (as downloaded)
 The data directory may also be the extracted folder itself. --download fetches the archive with
-torchvision's downloader (needs a network; the GPU machines have none).
+torchvision's downloader (needs a network).
 """
 from __future__ import annotations
 

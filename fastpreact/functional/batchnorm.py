@@ -116,25 +116,41 @@ def _batch_stats_op(x: Tensor) -> Tuple[Tensor, Tensor]:
     return batch_stats_impl(x)
 
 
-@custom_op("bn_stats", mutates_args=_RUNNING)
-def _bn_stats_op(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                 num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
-                 update: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(mean, biased var, rstd) of channels-last x; with update, the running statistics and the counter."""
-    return bn_stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps, update)
+# The finishing variants declare the buffers they update; the plain ones mutate nothing (an operator that
+# declares mutations but updates nothing trips inductor's re-inplacing of single-output operators).
+@custom_op("bn_stats")
+def _bn_stats_op(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var, rstd) of channels-last x."""
+    return bn_stats_impl(x, None, None, None, None, eps, False)
 
 
-@custom_op("bn_finish", mutates_args=_RUNNING)
-def _bn_finish_op(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float, count: int,
-                  update: bool) -> Tensor:
-    """rstd from (mean, biased var) of `count` values; with update, the running statistics and the counter."""
-    return bn_finish_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, eps, count, update)
+@custom_op("bn_stats_update", mutates_args=_RUNNING)
+def _bn_stats_update_op(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                        eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var, rstd) of channels-last x, finishing the BatchNorm (running statistics, counter)."""
+    return bn_stats_impl(x, running_mean, running_var, num_batches_tracked, momentum, eps, True)
+
+
+@custom_op("bn_finish")
+def _bn_finish_op(mean: Tensor, var: Tensor, eps: float, count: int) -> Tensor:
+    """rstd from (mean, biased var)."""
+    return bn_finish_impl(mean, var, None, None, None, None, eps, count, False)
+
+
+@custom_op("bn_finish_update", mutates_args=_RUNNING)
+def _bn_finish_update_op(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+                         count: int) -> Tensor:
+    """rstd from (mean, biased var) of `count` values, finishing the BatchNorm (running statistics, counter)."""
+    return bn_finish_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, eps, count, True)
 
 
 _batch_stats_op.register_fake(lambda x: _per_channel(x, 2))
-_bn_stats_op.register_fake(lambda x, *args: _per_channel(x, 3))
-_bn_finish_op.register_fake(lambda mean, *args: torch.empty_like(mean))
+for _op in (_bn_stats_op, _bn_stats_update_op):
+    _op.register_fake(lambda x, *args: _per_channel(x, 3))
+for _op in (_bn_finish_op, _bn_finish_update_op):
+    _op.register_fake(lambda mean, *args: torch.empty_like(mean))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,13 +248,18 @@ def _bn_stats(x, finish: BNFinish, *, training=True, input_stats=None, op="bn_st
     # num_batches_tracked (when given): F.batch_norm's rules, on the device.
     update = training and (running_mean is not None or nbt is not None)
     run = (running_mean, running_var, nbt, momentum, eps)
-    direct = eager(x)
+    ops = torch.ops.fastpreact
     if batch and input_stats is None:
         x = x.detach()
-        out = bn_stats_impl(x, *run, update) if direct else torch.ops.fastpreact.bn_stats(x, *run, update)
+        if eager(x):
+            out = bn_stats_impl(x, *run, update)
+        else:
+            out = ops.bn_stats_update(x, *run) if update else ops.bn_stats(x, eps)
         return BNStats(*out, batch)
-    rstd = (bn_finish_impl(mean, var, *run, count, update) if direct
-            else torch.ops.fastpreact.bn_finish(mean, var, *run, count, update))
+    if eager(x):
+        rstd = bn_finish_impl(mean, var, *run, count, update)
+    else:
+        rstd = ops.bn_finish_update(mean, var, *run, count) if update else ops.bn_finish(mean, var, eps, count)
     return BNStats(mean, var, rstd, batch)
 
 

@@ -52,24 +52,35 @@ class _Unit:
 
 def _plain_bn(bn) -> bool:
     return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
-            and bn.weight.dtype == torch.float32)
+            and bn._parameters["weight"].dtype == torch.float32)
+
+
+# The unit's submodules and parameters are read from the modules' dicts: nn.Module.__getattr__ costs a
+# microsecond a lookup, and a unit asks for some thirty per call.
+def _weight(module):
+    return module._parameters["weight"]
+
+
+def _stride(conv):
+    return conv.stride[0]
 
 
 def eligible(x, unit, stats=None, next_bn=None) -> bool:
     """Whether `unit` (a pre-activation bottleneck with norm1..3, conv1..3 and an optional 1x1 projection
     `downsample`) can run as one node on x with these stats and next_bn: eager Triton, training, plain
     BatchNorms, x's stats absent or finished, a next_bn in training or none."""
-    if not (use_triton(x) and eager(x) and unit.norm1 is not None):
+    mods = unit._modules
+    if not (use_triton(x) and eager(x) and mods.get("norm1") is not None):
         return False
     if (stats is not None and not stats.finished) or (next_bn is not None and not next_bn.training):
         return False
-    if not all(_plain_bn(n) for n in (unit.norm1, unit.norm2, unit.norm3)):
+    if not (_plain_bn(mods["norm1"]) and _plain_bn(mods["norm2"]) and _plain_bn(mods["norm3"])):
         return False
-    c2 = unit.conv2
-    return (c2.groups == 1 and c2.dilation == (1, 1) and c2.bias is None and c2.padding_mode == "zeros"
-            and c2.stride[0] == c2.stride[1] and c2.padding[0] == c2.padding[1]
-            and all(c.bias is None for c in (unit.conv1, unit.conv3))
-            and (unit.downsample is None or unit.downsample.bias is None))
+    c2, ds = mods["conv2"], mods.get("downsample")
+    return (c2.groups == 1 and c2.dilation == (1, 1) and c2._parameters.get("bias") is None
+            and c2.padding_mode == "zeros" and c2.stride[0] == c2.stride[1] and c2.padding[0] == c2.padding[1]
+            and mods["conv1"]._parameters.get("bias") is None and mods["conv3"]._parameters.get("bias") is None
+            and (ds is None or ds._parameters.get("bias") is None))
 
 
 def preact_bottleneck(x, unit, stats=None, next_bn=None):
@@ -78,18 +89,21 @@ def preact_bottleneck(x, unit, stats=None, next_bn=None):
     kind = x.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     x = x.contiguous(memory_format=torch.channels_last)
-    ds = unit.downsample
-    plan = _Unit((unit.norm1, unit.norm2, unit.norm3),
-                 (unit.conv1.stride[0], unit.conv2.stride[0], ds.stride[0] if ds is not None else 0),
-                 unit.conv2.padding[0], dtype, stats, next_bn)
-    params = (unit.conv1.weight, ds.weight if ds is not None else None, unit.conv2.weight, unit.conv3.weight,
-              *(p for n in plan.norms for p in (n.weight, n.bias)))
+    mods = unit._modules
+    ds, c1, c2, c3 = mods.get("downsample"), mods["conv1"], mods["conv2"], mods["conv3"]
+    norms = (mods["norm1"], mods["norm2"], mods["norm3"])
+    plan = _Unit(norms, (_stride(c1), _stride(c2), _stride(ds) if ds is not None else 0), c2.padding[0], dtype,
+                 stats, next_bn)
+    n1, n2, n3 = (n._parameters for n in norms)
+    params = (_weight(c1), _weight(ds) if ds is not None else None, _weight(c2), _weight(c3),
+              n1["weight"], n1["bias"], n2["weight"], n2["bias"], n3["weight"], n3["bias"])
     y, mean, var, rstd = _PreActBottleneck.apply(x, plan, *params)
     return y, BNStats(mean, var, rstd)
 
 
 def _finish(bn) -> BNFinish:
-    return BNFinish(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, float(bn.eps))
+    b = bn._buffers
+    return BNFinish(b["running_mean"], b["running_var"], b["num_batches_tracked"], bn.momentum, float(bn.eps))
 
 
 class _PreActBottleneck(torch.autograd.Function):

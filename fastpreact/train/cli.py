@@ -6,7 +6,7 @@
     python -m fastpreact.train cifar10 --data-dir data --arch resnet164
     # ResNet-1001 at the paper's best batch of 64, the whole training step in a CUDA graph
     python -m fastpreact.train cifar10 --data-dir data --arch resnet1001 --batch-size 64 --cuda-graphs
-    # ImageNet, ResNet-200, the 8 GPUs of this machine (global batch 256 = 32 per GPU)
+    # ImageNet, ResNet-200 on 8 local GPUs (global batch 256 = 32 per GPU)
     python -m fastpreact.train imagenet --data-dir /data/imagenet --gpus 8 --out runs/r200
     # several nodes: the same command on every node (c10d rendezvous); elastic restarts resume
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\

@@ -94,13 +94,7 @@ def _bn_relu_conv1x1_fwd_kernel(
         res = tl.load(res_ptr + rows64[:, None] * N + offs_n[None, :], mask=out_mask, other=0.0)
         acc += res.to(tl.float32)
     y = acc.to(y_ptr.dtype.element_ty)
-    if SPLIT_OUT:
-        in_a = offs_n < split
-        tl.store(y_ptr + rows64[:, None] * split + offs_n[None, :], y, mask=out_mask & in_a[None, :])
-        tl.store(y2_ptr + rows64[:, None] * (N - split) + (offs_n - split)[None, :], y,
-                 mask=out_mask & (~in_a)[None, :])
-    else:
-        tl.store(y_ptr + rows64[:, None] * N + offs_n[None, :], y, mask=out_mask)
+    _store_output(y, y_ptr, y2_ptr, rows64, offs_n, out_mask, N, split, SPLIT_OUT)
 
     if OUTPUT_STATS:
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -120,6 +114,18 @@ def _bn_relu_conv1x1_fwd_kernel(
                            next_rv_ptr, next_nbt_ptr, next_eps, next_momentum, next_unbias, True, NEXT_UPDATE_RUNNING,
                            NEXT_MOMENTUM_FROM_NBT, NEXT_INCREMENT_NBT)
                 _count_batch(ticket_ptr + num_pid_n, num_pid_n, next_nbt_ptr, NEXT_INCREMENT_NBT)
+
+
+@triton.jit
+def _store_output(y, y_ptr, y2_ptr, rows64, offs_n, out_mask, N, split, SPLIT_OUT: tl.constexpr):
+    """y's tile into y (or, with SPLIT_OUT, columns [0, split) into y and the rest into y2)."""
+    if SPLIT_OUT:
+        in_a = offs_n < split
+        tl.store(y_ptr + rows64[:, None] * split + offs_n[None, :], y, mask=out_mask & in_a[None, :])
+        tl.store(y2_ptr + rows64[:, None] * (N - split) + (offs_n - split)[None, :], y,
+                 mask=out_mask & (~in_a)[None, :])
+    else:
+        tl.store(y_ptr + rows64[:, None] * N + offs_n[None, :], y, mask=out_mask)
 
 
 # The kernel finishes the next BatchNorm in place: its running statistics and counter are saved

@@ -69,7 +69,7 @@ def test_fused_units_trace_without_graph_break(name):
     for train in (True, False):
         model.train(train)
         graph = one_graph(model, x)
-        assert ("bn_stats" in graph) == train
+        assert ("bn_stats_update" in graph) == train
         if name in ops:
             assert ops[name] in graph
         if "preact basic" in name:
@@ -102,7 +102,7 @@ def test_bn_relu_ops_trace_without_graph_break():
                 + Fp.bn_relu_max_pool2d(x, bn, pool).sum() + mean.sum() + var.sum())
 
     graph = one_graph(f, x)
-    for op in ("batch_stats", "bn_stats", "bn_relu", "bn_relu_backward"):
+    for op in ("batch_stats", "bn_stats_update", "bn_relu", "bn_relu_backward"):
         assert op in graph
     bn.eval()
     assert "bn_finish" in one_graph(f, x)
@@ -216,11 +216,11 @@ def opcheck_cases():
         (ops.bn_relu_conv1x1_backward, (dy, None, x, w.detach(), g.detach(), b.detach(), mean, rstd, 1, True,
                                         True, False, True, channels_last(torch.randn(2, 8, 5, 5)))),
         (ops.batch_stats, (x,)),
-        (ops.bn_stats, (x, None, None, None, 0.1, 1e-5, False)),
-        (ops.bn_stats, (x, torch.zeros(8), torch.ones(8), torch.tensor(3), None, 1e-5, True)),
-        (ops.bn_stats, (x, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, True)),
-        (ops.bn_finish, (mean, var, None, None, None, 0.1, 1e-5, 50, False)),
-        (ops.bn_finish, (mean, var, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, 50, True)),
+        (ops.bn_stats, (x, 1e-5)),
+        (ops.bn_stats_update, (x, torch.zeros(8), torch.ones(8), torch.tensor(3), None, 1e-5)),
+        (ops.bn_stats_update, (x, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5)),
+        (ops.bn_finish, (mean, var, 1e-5, 50)),
+        (ops.bn_finish_update, (mean, var, torch.zeros(8), torch.ones(8), None, 0.1, 1e-5, 50)),
         (ops.bn_relu, (x, g.detach(), b.detach(), mean, rstd)),
         (ops.bn_relu_backward, (channels_last(torch.randn(2, 8, 5, 5)), x, g.detach(), b.detach(), mean, rstd,
                                 True)),
