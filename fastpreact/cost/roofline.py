@@ -14,9 +14,13 @@ __all__ = ["CARDS", "CARD_PEAKS", "HOST_US", "predict"]
 # moved about 4.3 TB/s (read + written). H100 (not measured on an H100): the same chip's matmul rate,
 # and about 90% of its 3.35 TB/s datasheet bandwidth, the fraction a copy reaches on the H200.
 # benchmarks/_bench.py reads CARD_PEAKS from here.
-# Host: microseconds the host spends per launch. ASSUMPTIONS, not measurements (eager PyTorch dispatch of
-# one aten op with its autograd bookkeeping; a Triton launch adds Python argument binding and the
-# autotuner's cache lookup); change them here, or pass host_us= to predict().
+# Host: microseconds the host spends per launch in an eager step, MEASURED with every Triton launch
+# stubbed (python -m fastpreact.cost.host, its resnet164 step case) on an x86-64 CPU (2 cores, Python
+# 3.11, torch 2.14.1, one thread): a stock step's time over its aten launches, then the fused step's
+# remaining time over its Triton launches (everything the library's Python does around them: the
+# autograd nodes, argument checks, allocations, the tile lookup). Not included, for stock and fused
+# alike: the CUDA driver's launch and triton's launcher below its Python entry. A faster host scales
+# both; change them here, or pass host_us= to predict().
 # ---------------------------------------------------------------------------------------------------
 CARDS = {
     "h100": {"matmul_flops": 800e12, "copy_bytes_per_s": 3.0e12,
@@ -24,7 +28,7 @@ CARDS = {
     "h200": {"matmul_flops": 790e12, "copy_bytes_per_s": 4.3e12, "source": "measured on an H200"},
 }
 CARD_PEAKS = {name: (c["matmul_flops"], c["copy_bytes_per_s"]) for name, c in CARDS.items()}
-HOST_US = {"aten": 6.0, "triton": 15.0}  # ASSUMED host cost per launch, microseconds
+HOST_US = {"aten": 26.2, "triton": 61.6}  # measured host cost per launch, microseconds (see above)
 
 
 def predict(cost: StepCost, card: str, host_us: dict | None = None) -> dict:
@@ -32,7 +36,7 @@ def predict(cost: StepCost, card: str, host_us: dict | None = None) -> dict:
 
     GPU time per op class: max(FLOPs / matmul rate, bytes / copy bandwidth) for the GEMM and convolution
     classes (MATMUL_CLASSES, at the card's bf16 matmul rate), bytes / copy bandwidth for the others
-    (bandwidth-bound). Host time: launches times HOST_US (aten and Triton separately; assumptions).
+    (bandwidth-bound). Host time: launches times HOST_US (aten and Triton separately; measured on a CPU).
     The host is an overlapped pipeline (it enqueues while the GPU runs), so the step takes
     max(GPU time, host time). Returns {"gpu_ms": {class: ms}, "gpu_total_ms", "host_ms", "step_ms",
     "bound": "GPU" | "host"}.

@@ -59,14 +59,15 @@ FULL_SIZE = {
     "resnet200": dict(num_classes=1000, batch=64, image=224),
     "resnet1001": dict(num_classes=10, batch=128, image=32),
 }
-# Fused / stock of one step, as counted today: (launches, bytes, predicted H100 step time). The fused 1x1
-# backward runs in two passes (the three-pass path only at ResNet-50/200's last-stage shapes); the CIFAR
-# nets are host-bound by the assumed per-launch costs, so their predicted step is above stock's.
+# Fused / stock of one step, as counted today: (launches, bytes, predicted H100 GPU time, predicted eager
+# step = max(GPU, host)). The fused 1x1 backward runs in two passes (three only at ResNet-50/200's
+# last-stage shapes). With the host's per-launch costs measured on a CPU (cost/roofline.py), every eager
+# step, stock's too, is bound by the host; the GPU time is the step under a CUDA graph or torch.compile.
 RATIOS = {
-    "resnet50": (0.600, 0.586, 0.605),
-    "resnet164": (0.525, 0.449, 1.082),
-    "resnet200": (0.539, 0.520, 0.556),
-    "resnet1001": (0.518, 0.450, 1.086),
+    "resnet50": (0.601, 0.587, 0.605, 1.117),
+    "resnet164": (0.525, 0.450, 0.450, 1.027),
+    "resnet200": (0.539, 0.521, 0.556, 1.053),
+    "resnet1001": (0.519, 0.450, 0.450, 1.030),
 }
 MARGIN = 0.005
 
@@ -79,15 +80,16 @@ def _full_size(arch, kernels):
 
 @pytest.mark.parametrize("arch", list(FULL_SIZE))
 def test_fused_step_ratios_pinned(arch):
-    """Launches, bytes and the predicted H100 step, fused / stock, at or below today's (with a small margin),
-    and launches at most three quarters of stock's."""
+    """Launches, bytes, the predicted H100 GPU time and eager step, fused / stock, at or below today's
+    (with a small margin), and launches at most three quarters of stock's."""
     stock, fused = _full_size(arch, "stock"), _full_size(arch, "fused")
     s, f = stock.totals(), fused.totals()
-    got = (f["launches"] / s["launches"], f["bytes"] / s["bytes"],
-           sc.predict(fused, "h100")["step_ms"] / sc.predict(stock, "h100")["step_ms"])
-    print(f"{arch}: fused / stock launches {got[0]:.3f}, bytes {got[1]:.3f}, H100 step {got[2]:.3f}")
+    ps, pf = sc.predict(stock, "h100"), sc.predict(fused, "h100")
+    got = (f["launches"] / s["launches"], f["bytes"] / s["bytes"], pf["gpu_total_ms"] / ps["gpu_total_ms"],
+           pf["step_ms"] / ps["step_ms"])
+    print(f"{arch}: fused / stock launches {got[0]:.3f}, bytes {got[1]:.3f}, H100 GPU {got[2]:.3f}, step {got[3]:.3f}")
     assert got[0] <= 0.75, f"{arch}: the fused step makes {got[0]:.3f}x the stock step's launches (at most 0.75x)"
-    for what, value, pinned in zip(("launches", "bytes", "H100 step"), got, RATIOS[arch]):
+    for what, value, pinned in zip(("launches", "bytes", "H100 GPU time", "H100 eager step"), got, RATIOS[arch]):
         assert value <= pinned + MARGIN, (f"{arch}: fused / stock {what} {value:.4f}, pinned {pinned} (+{MARGIN}); "
                                           "update RATIOS with the change that moved it")
 
@@ -95,12 +97,13 @@ def test_fused_step_ratios_pinned(arch):
 def test_fused_resnet200_step_targets():
     """ResNet-200 (batch 64, bf16), fused / stock: bytes at most 0.55 (0.64 with the three-pass backward,
     which read x in each of its passes and wrote dz and read it back), launches at most 0.61 and the
-    predicted H100 step at most 0.6."""
+    predicted H100 GPU time (the step where the host does not bound it: a CUDA graph, torch.compile) at
+    most 0.6."""
     stock, fused = _full_size("resnet200", "stock"), _full_size("resnet200", "fused")
     s, f = stock.totals(), fused.totals()
     assert f["bytes"] / s["bytes"] <= 0.55
     assert f["launches"] / s["launches"] <= 0.61
-    assert sc.predict(fused, "h100")["step_ms"] / sc.predict(stock, "h100")["step_ms"] <= 0.6
+    assert sc.predict(fused, "h100")["gpu_total_ms"] / sc.predict(stock, "h100")["gpu_total_ms"] <= 0.6
 
 
 def test_fake_count_equals_a_real_run():
