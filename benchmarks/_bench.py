@@ -49,7 +49,9 @@ MEASURES = {"ms", "img_per_s", "peak_mem_gb", "tflops", "gbps", "speedup", "mem_
             # the step-cost model's outputs (bench_cost.py)
             "launches", "aten", "triton", "gb", "gflop", "host_ms", "h100_ms", "h200_ms", "h100_gpu_ms",
             "h200_gpu_ms", "h100_img_per_s", "h200_img_per_s", "bound", "launches_vs_stock", "bytes_vs_stock",
-            "h100_vs_stock", "predicted_ms", "measured_ms", "predicted_vs_measured", "measured_in"}
+            "h100_vs_stock", "predicted_ms", "measured_ms", "predicted_vs_measured", "measured_in",
+            # the host suite (bench_host.py)
+            "stock_ms", "fused_ms", "ratio", "met"}
 
 
 def device_name() -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import _bench as B
-from bench_train_step import build
+from benchmarks.bench_train_step import build
 
 ARCH, IMAGE, NUM_CLASSES = "resnet200", 224, 1000
 START, STEP, CAP = 32, 16, 4096
