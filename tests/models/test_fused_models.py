@@ -359,7 +359,8 @@ def test_bottleneck_as_one_node_is_bit_identical_to_its_ops(arch, kw, size, amp,
             monkeypatch.setattr(Fp, "bottleneck_eligible", lambda *a, **k: False)
         used = []
         orig = bottleneck._PreActBottleneck.apply
-        monkeypatch.setattr(bottleneck._PreActBottleneck, "apply", lambda *a: used.append(1) or orig(*a))
+        monkeypatch.setattr(bottleneck._PreActBottleneck, "apply",
+                            lambda *a, used=used, orig=orig: used.append(1) or orig(*a))
         torch.manual_seed(0)
         model = channels_last(create_model(arch, 10, kernels="fused", **kw))
         x, y = channels_last(torch.randn(8, 3, size, size)), torch.arange(8) % 10
