@@ -31,6 +31,17 @@ def channels_last(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def take_batches(loader, n=None):
+    """The first n batches of a loader (all of them when n is None), cloned: a loader may reuse its
+    buffers for the next batch."""
+    out = []
+    for i, (x, y) in enumerate(loader):
+        out.append((x.clone(), y.clone()))
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: tiny nets gain nothing from threads, and one thread gives one

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import take_batches
 from fastpreact.data import DATASETS, DataError, build_data, loader_throughput
 from fastpreact.data.cifar import CIFAR_STATS
 from fastpreact.data.ondevice import crop_flip_params
@@ -118,22 +119,13 @@ def test_crops_cover_all_offsets_and_flip_about_half():
     assert abs(flip.float().mean().item() - 0.5) < 0.02  # 12800 draws: 4.5 sigma
 
 
-def _run(loader, n=None):
-    out = []
-    for i, (x, y) in enumerate(loader):
-        out.append((x.clone(), y.clone()))
-        if n is not None and i + 1 == n:
-            break
-    return out
-
-
 def test_determinism_per_seed_and_epochs_differ(cifar_dir):
     mk = lambda seed: build_data("cifar10", data_dir=cifar_dir, batch_size=8, device="cpu", seed=seed).train  # noqa
-    a, b, c = _run(mk(1)), _run(mk(1)), _run(mk(2))
+    a, b, c = take_batches(mk(1)), take_batches(mk(1)), take_batches(mk(2))
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, c))
     loader = mk(1)
-    e0, e1 = _run(loader), _run(loader)
+    e0, e1 = take_batches(loader), take_batches(loader)
     assert loader.epoch == 2
     assert not all(torch.equal(y1, y2) for (_, y1), (_, y2) in zip(e0, e1))
 
@@ -141,19 +133,19 @@ def test_determinism_per_seed_and_epochs_differ(cifar_dir):
 def test_exact_resume_mid_epoch_and_across_epochs(cifar_dir):
     mk = lambda: build_data("cifar10", data_dir=cifar_dir, batch_size=8, device="cpu", seed=5).train  # noqa
     full = mk()
-    reference = _run(full) + _run(full)  # two epochs
+    reference = take_batches(full) + take_batches(full)  # two epochs
     n = len(full)
     for k in (0, 3, n - 1, n, n + 2):
         first = mk()
         taken = []
         while len(taken) < k:
-            taken += _run(first, k - len(taken))
+            taken += take_batches(first, k - len(taken))
         state = first.state_dict()
         resumed = mk()
         resumed.load_state_dict(state)
         rest = []
         while len(taken) + len(rest) < 2 * n:
-            rest += _run(resumed)
+            rest += take_batches(resumed)
         for (x1, y1), (x2, y2) in zip(taken + rest, reference):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
@@ -175,12 +167,12 @@ def test_state_dict_semantics_and_mismatch(cifar_dir):
 
 def test_resume_takes_the_checkpoints_seed(cifar_dir):
     mk = lambda seed: build_data("cifar10", data_dir=cifar_dir, batch_size=8, device="cpu", seed=seed).train  # noqa
-    reference = _run(mk(1))
+    reference = take_batches(mk(1))
     other = mk(2)
-    _run(other, 1)  # draws seed 2's order of epoch 0
+    take_batches(other, 1)  # draws seed 2's order of epoch 0
     other.load_state_dict(mk(1).state_dict())
     assert other.seed == 1
-    for (x1, y1), (x2, y2) in zip(_run(other), reference):
+    for (x1, y1), (x2, y2) in zip(take_batches(other), reference):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 

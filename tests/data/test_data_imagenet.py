@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import take_batches
 from fastpreact.data import DataError, build_data
 from fastpreact.data import imagefolder
 from fastpreact.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, dali_available
@@ -82,15 +83,6 @@ def _build(root, loader, **kw):
     return build_data("imagenet", **args)
 
 
-def _collect(loader, n=None):
-    out = []
-    for i, (x, y) in enumerate(loader):
-        out.append((x.clone(), y.clone()))
-        if n is not None and i + 1 == n:
-            break
-    return out
-
-
 def test_layout_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         _build(str(tmp_path / "nope"), "torchvision")
@@ -139,7 +131,7 @@ def test_train_and_val_batches(tree, loader):
     assert b.loader == loader and b.num_classes == 3 and b.image_size == 224
     assert (b.train_size, b.val_size) == (3 * TRAIN_PER_CLASS, 3 * VAL_PER_CLASS)
     assert len(b.train) == 3 * TRAIN_PER_CLASS // 4
-    batches = _collect(b.train)
+    batches = take_batches(b.train)
     assert len(batches) == len(b.train) and b.train.epoch == 1 and b.train.position == 0
     seen = torch.cat([y for _, y in batches])
     assert sorted(seen.tolist()) == sorted([i for i in range(3) for _ in range(TRAIN_PER_CLASS)])
@@ -155,7 +147,7 @@ def test_train_and_val_batches(tree, loader):
         red = pixels[:, 0].mean((1, 2))
         expect = 60 + 80 * y.float()
         assert (red - expect).abs().max() < 30
-    val = _collect(b.val)
+    val = take_batches(b.val)
     assert [x.shape[0] for x, _ in val] == [5, 4] and val[0][0].shape[-1] == 224
     assert torch.cat([y for _, y in val]).tolist() == [i for i in range(3) for _ in range(VAL_PER_CLASS)]
     wide = _build(tree, loader, val_crop=320, val_batch_size=9)
@@ -166,16 +158,16 @@ def test_train_and_val_batches(tree, loader):
 @pytest.mark.parametrize("loader", LOADERS)
 def test_determinism_and_exact_resume(tree, loader):
     mk = lambda seed=3: _build(tree, loader, seed=seed, aug="scale").train  # noqa: E731
-    reference = _collect(mk())
-    again = _collect(mk())
+    reference = take_batches(mk())
+    again = take_batches(mk())
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, again))
-    other = _collect(mk(seed=4))
+    other = take_batches(mk(seed=4))
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(reference, other))
     first = mk()
-    head = _collect(first, 3)
+    head = take_batches(first, 3)
     resumed = mk()
     resumed.load_state_dict(first.state_dict())
-    tail = _collect(resumed)
+    tail = take_batches(resumed)
     for a, b in zip(head + tail, reference):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert len(head + tail) == len(reference)
@@ -183,13 +175,13 @@ def test_determinism_and_exact_resume(tree, loader):
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_resume_takes_the_checkpoints_seed(tree, loader):
-    reference = _collect(_build(tree, loader, seed=3).train, 3)
+    reference = take_batches(_build(tree, loader, seed=3).train, 3)
     other = _build(tree, loader, seed=4).train
-    _collect(other, 1)  # its own first epoch started under seed 4
+    take_batches(other, 1)  # its own first epoch started under seed 4
     state = _build(tree, loader, seed=3).train.state_dict()
     other.load_state_dict({**state, "epoch": 0, "position": 0})
     assert other.seed == 3 and other.plan.seed == 3
-    for a, b in zip(_collect(other, 3), reference):
+    for a, b in zip(take_batches(other, 3), reference):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -209,8 +201,8 @@ def test_disjoint_shards_and_val_counts(tree, loader):
 @needs_dali
 def test_dali_and_torchvision_agree(tree):
     for aug in ("inception", "scale"):
-        d = _collect(_build(tree, "dali", seed=5, aug=aug).train, 2)
-        t = _collect(_build(tree, "torchvision", seed=5, aug=aug).train, 2)
+        d = take_batches(_build(tree, "dali", seed=5, aug=aug).train, 2)
+        t = take_batches(_build(tree, "torchvision", seed=5, aug=aug).train, 2)
         for (xd, yd), (xt, yt) in zip(d, t):
             assert torch.equal(yd, yt)
             # Same windows and flips; the resamplers differ slightly (and JPEG decoders by a level).
@@ -228,7 +220,7 @@ def test_broken_files_are_skipped_and_named(bad_tree, loader):
             planned = [p for i in range(plan.num_batches) for p, *_ in plan.batch(0, i)]
             if any("damaged.JPEG" in p for p in planned):
                 break
-        batches = _collect(b.train)
+        batches = take_batches(b.train)
     messages = [str(w.message) for w in caught]
     assert any("truncated.JPEG" in m and "end marker" in m for m in messages)
     assert b.train_size == 3 * TRAIN_PER_CLASS + 1  # damaged.JPEG passes the scan, truncated does not
