@@ -109,8 +109,8 @@ def _finish(bn) -> BNFinish:
 class _PreActBottleneck(torch.autograd.Function):
     """Inputs: x, the plan, then conv1, projection (or None), conv2 and conv3 weights, then (gamma, beta)
     of norm1, norm2, norm3: each tensor that takes a gradient is an argument of its own, which is how
-    autograd.Function hands out gradients (hence the long list). Outputs: y and the (mean, var, rstd) of y (rstd when finished for next_bn;
-    no gradient).
+    autograd.Function hands out gradients (hence the long list). Outputs: y and the (mean, var, rstd) of
+    y (rstd when finished for next_bn; no gradient).
     Saves x, h1, h2, the weights, the BatchNorm parameters and the three (mean, rstd)."""
 
     @staticmethod
