@@ -193,7 +193,7 @@ def test_the_launcher_runs_the_workers(tmp_path):
 # ------------------------------------------------------------------------------------------ replicas
 REPLICAS = """
 import sys, torch
-from fastpreact.train.distributed import init_process_group, replica_mismatches
+from fastpreact.train.distributed import destroy_process_group, init_process_group, replica_mismatches
 init_process_group(torch.device("cpu"), 60.0)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).to(torch.float64)
@@ -202,6 +202,9 @@ if torch.distributed.get_rank() == 1:
     with torch.no_grad():  # one ulp of one weight
         model[0].weight[1, 2] = torch.nextafter(model[0].weight[1, 2], torch.tensor(2.0, dtype=torch.float64))
 print("nudged", replica_mismatches(model.state_dict()))
+# As the trainer does: both ranks reach the end before the group goes, so rank 0's store outlives the
+# other rank's last use of it (exiting without this can abort a rank in gloo's teardown).
+destroy_process_group(barrier=True)
 """
 
 
