@@ -102,12 +102,18 @@ def from_rows(t2d: torch.Tensor, shape) -> torch.Tensor:
     return t2d.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """x in the autocast dtype where autocast is on and x is a kernel dtype (as a conv computes), else x."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on x computes its GEMMs in: autocast's where autocast is on for x's device and x is a
+    kernel dtype (as a conv computes), else x's own."""
     kind = x.device.type
     if (kind == "cuda" or kind == "cpu") and torch.is_autocast_enabled(kind) and x.dtype in KERNEL_DTYPES:
-        return x.to(torch.get_autocast_dtype(kind))
-    return x
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in its compute dtype (compute_dtype): cast under autocast, else x itself."""
+    return x.to(compute_dtype(x))
 
 
 def autocast_off(device: torch.device):

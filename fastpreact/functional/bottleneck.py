@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import autocast_off, eager, use_triton
+from .backends import autocast_off, compute_dtype, eager, use_triton
 from .batchnorm import bn_stats_impl
 from .bn_relu import bn_relu_backward_impl, bn_relu_forward_impl
 from .conv1x1_ops import Conv1x1Call, backward_impl, forward_impl
@@ -86,8 +86,7 @@ def eligible(x, unit, stats=None, next_bn=None) -> bool:
 def preact_bottleneck(x, unit, stats=None, next_bn=None):
     """(y, the BNStats of y: finished for next_bn, or not finished without one) of a pre-activation
     bottleneck in training, as one autograd node (see the module docstring)."""
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    dtype = compute_dtype(x)
     x = x.contiguous(memory_format=torch.channels_last)
     mods = unit._modules
     ds, c1, c2, c3 = mods.get("downsample"), mods["conv1"], mods["conv2"], mods["conv3"]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import KERNEL_DTYPES, use_triton
+from .backends import compute_dtype, use_triton
 from .batchnorm import _bn_stats, _torch_batch_stats, bn_args, bn_stats, check_vec
 from .conv1x1_ops import Conv1x1Call, ShortcutGrad, _BNReLUConv1x1Triton, out_shape
 from .types import BNFinish, BNStats
@@ -127,10 +127,7 @@ def _prepare_x(x):
         raise ValueError(f"bn_relu_conv1x1: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"bn_relu_conv1x1: x must be floating point (float32, float16, bfloat16), got {x.dtype}")
-    dtype = x.dtype
-    kind = x.device.type
-    if (kind == "cuda" or kind == "cpu") and torch.is_autocast_enabled(kind) and dtype in KERNEL_DTYPES:
-        dtype = torch.get_autocast_dtype(kind)
+    dtype = compute_dtype(x)
     # Any other layout (NCHW, slices, expanded views) is copied once into channels-last: the kernels
     # read x as a dense [M, C] matrix, so a strided view must never reach them.
     return x.contiguous(memory_format=torch.channels_last), dtype
