@@ -30,7 +30,7 @@ import triton.language as tl
 from .cards import card_of
 from .configs import tiles
 from .tickets import tickets
-from .tuning import cdiv, launch
+from .tuning import Plan, cdiv, launch, launch_planned, plan_cache
 
 
 @triton.jit
@@ -213,6 +213,13 @@ def _alloc(shape, device, poison):
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _alloc_like(ref, size, poison):
+    """An fp32 [size] buffer on the device of fp32 `ref` (new_empty with an int size: the cheapest allocation)."""
+    if poison:
+        return torch.full((size,), float("nan"), dtype=torch.float32, device=ref.device)
+    return ref.new_empty(size)
+
+
 def _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, dummy):
     """Kernel arguments of the running-statistics update (no update when running_mean is None, or when
     momentum is None without a counter: what F.batch_norm does with momentum 0) and of the counter's
@@ -243,32 +250,66 @@ def bn_finish(mean, var, eps, count, poison=False, *, running_mean=None, running
     return rstd
 
 
-def batch_stats(x2d, poison=False, **bn):
+def batch_stats(x2d, poison=False, plan=None, **bn):
     """(mean, biased var) fp32 [C] over the rows of x2d [M, C] (unit stride along C, any row stride), in
     one launch.
 
     bn: eps (then (mean, var, rstd = 1/sqrt(var + eps)) is returned) and running_mean, running_var,
     num_batches_tracked, momentum: nn.BatchNorm2d's running-statistics update, done in the same launch
-    (num_batches_tracked already incremented, or incremented in the same launch with increment_nbt=True)."""
-    M, C = x2d.shape
-    if x2d.stride(1) != 1 and C > 1:
-        raise ValueError("batch_stats: x2d must have unit stride along channels; make the activation "
-                         "channels-last contiguous first")
+    (num_batches_tracked already incremented, or incremented in the same launch with increment_nbt=True).
+    x2d may also be a channels-last contiguous [N, C, H, W] tensor: its rows, without the view.
+    plan: batch_stats_plan(x2d, **bn) (kept by a caller that repeats the shape and flags), or None."""
+    if plan is None:
+        plan = batch_stats_plan(x2d, **bn)
+    M, C, stride_m, write_rstd, update, from_nbt, inc, _ = plan.key
+    part_shape, n_tickets, unbias = plan.sizes
+    dev = x2d.device
+    part = _alloc(part_shape, dev, poison)  # one allocation: the kernel finds the M2 half
+    mean, var = _alloc_like(part, C, poison), _alloc_like(part, C, poison)
+    rstd = _alloc_like(part, C, poison) if write_rstd else mean
+    ptrs = (bn["running_mean"] if update else mean, bn["running_var"] if update else mean,
+            bn["num_batches_tracked"] if (from_nbt or inc) else mean)
+    momentum = bn.get("momentum", 0.1)
+    launch_planned(_batch_stats_kernel, plan,
+                   (x2d, part, mean, var, rstd, *ptrs, tickets(dev, n_tickets), M, C, stride_m,
+                    float(bn["eps"]) if write_rstd else 0.0, 0.0 if momentum is None else float(momentum), unbias),
+                   dev)
+    return (mean, var, rstd) if write_rstd else (mean, var)
+
+
+def batch_stats_plan(x2d, **bn) -> Plan:
+    """The launch plan of batch_stats on x2d with these BatchNorm keywords (see batch_stats), the
+    arguments checked."""
+    if x2d.dim() == 4:
+        M, C, stride_m = x2d.numel() // max(x2d.shape[1], 1), x2d.shape[1], x2d.shape[1]
+        if not x2d.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("batch_stats: a 4-d x2d must be channels-last contiguous")
+    else:
+        (M, C), stride_m = x2d.shape, x2d.stride(0)
+        if x2d.stride(1) != 1 and C > 1:
+            raise ValueError("batch_stats: x2d must have unit stride along channels; make the activation "
+                             "channels-last contiguous first")
     if M == 0:
         raise ValueError("batch_stats: no rows (empty batch); statistics need at least one value")
-    eps = bn.pop("eps", None)
-    dev = x2d.device
-    tile = tiles("batch_stats", card_of(dev))
-    num_blocks = cdiv(M, tile["BLOCK_M"])
-    part = _alloc((2, num_blocks, C), dev, poison)  # one allocation: the kernel finds the M2 half
-    mean, var = _alloc((C,), dev, poison), _alloc((C,), dev, poison)
-    rstd = _alloc((C,), dev, poison) if eps is not None else mean
-    run = _running_args(bn.get("running_mean"), bn.get("running_var"), bn.get("num_batches_tracked"),
-                        bn.get("momentum", 0.1), bn.get("increment_nbt", False), mean)
-    c_blocks = cdiv(C, tile["BLOCK_C"])
-    launch(_batch_stats_kernel, (num_blocks, c_blocks),
-           (x2d, part, mean, var, rstd, *run["ptrs"], tickets(dev, c_blocks + 1), M, C, x2d.stride(0),
-            0.0 if eps is None else float(eps), run["momentum"], M / max(M - 1, 1)),
-           dev, BLOCK_M=tile["BLOCK_M"], BLOCK_C=tile["BLOCK_C"], BLOCK_P=tile["BLOCK_P"], WRITE_RSTD=eps is not None,
-           **run["flags"], num_warps=tile["num_warps"])
-    return (mean, var, rstd) if eps is not None else (mean, var)
+    rm, nbt, momentum = bn.get("running_mean"), bn.get("num_batches_tracked"), bn.get("momentum", 0.1)
+    update = rm is not None and (momentum is not None or nbt is not None)
+    from_nbt = update and momentum is None
+    inc = bool(bn.get("increment_nbt", False)) and nbt is not None
+    key = (M, C, stride_m, bn.get("eps") is not None, update, from_nbt, inc, card_of(x2d.device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(key)
+    return plan
+
+
+_PLANS = plan_cache()  # (M, C, row stride, flags, card) -> Plan of batch_stats
+
+
+def _plan(key) -> Plan:
+    M, C, _, write_rstd, update, from_nbt, inc, card = key
+    tile = tiles("batch_stats", card)
+    num_blocks, c_blocks = cdiv(M, tile["BLOCK_M"]), cdiv(C, tile["BLOCK_C"])
+    return Plan(key, ((2, num_blocks, C), c_blocks + 1, M / max(M - 1, 1)),
+                dict(BLOCK_M=tile["BLOCK_M"], BLOCK_C=tile["BLOCK_C"], BLOCK_P=tile["BLOCK_P"], WRITE_RSTD=write_rstd,
+                     UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt, INCREMENT_NBT=inc, num_warps=tile["num_warps"]),
+                grid=(num_blocks, c_blocks))

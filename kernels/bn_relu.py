@@ -34,19 +34,13 @@ from .batch_stats import _take_last_ticket
 from .cards import card_of
 from .configs import tiles
 from .tickets import tickets
-from .tuning import cdiv, launch
+from .tuning import Plan, cdiv, launch_planned, plan_cache
 
 # Tiles (kernels/configs.py, "bn_relu"): the interpreter runs each program (and each loop iteration) in
 # Python on numpy blocks, so a few large tiles beat many small ones there; on a GPU a [64 rows x 64
 # channels] tile of 2-byte values is 8 KiB, with 128-byte rows for coalescing. The reduction runs two
 # waves of programs per channel block (each loops over its band of row tiles), and its finishing
 # program sums BLOCK_P partial rows per step.
-
-
-def _tile(device, C):
-    """(tile dict, BLOCK_C) of the BN-ReLU kernels on `device` for C channels."""
-    tile = tiles("bn_relu", card_of(device))
-    return tile, min(tile["BLOCK_C_MAX"], max(16, 1 << (C - 1).bit_length()))
 
 
 @triton.jit
@@ -164,10 +158,15 @@ def _bn_relu_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _check_rows(name, t, C):
-    if t.dim() != 2 or t.shape[1] != C or not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous [M, {C}] matrix, got shape {tuple(t.shape)} "
-                         f"and strides {t.stride()}")
+def _rows_of(name, t):
+    """(M, C) of a contiguous [M, C] matrix or a channels-last contiguous [N, C, H, W] tensor (its rows)."""
+    if t.dim() == 2 and t.is_contiguous():
+        return t.shape
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        C = t.shape[1]
+        return t.numel() // C if C else 0, C
+    raise ValueError(f"{name}: expected a contiguous [M, C] matrix or a channels-last contiguous [N, C, H, W] "
+                     f"tensor, got shape {tuple(t.shape)} and strides {t.stride()}")
 
 
 def _empty_like(t, poison):
@@ -175,48 +174,77 @@ def _empty_like(t, poison):
     return torch.full_like(t, float("nan")) if poison else torch.empty_like(t)
 
 
-def bn_relu_fwd(x2d, gamma, beta, mean, rstd, poison=False):
-    """relu(bn(x2d)) for a contiguous [M, C] matrix with given mean and rstd; a new [M, C] matrix."""
-    M, C = x2d.shape
-    _check_rows("bn_relu_fwd", x2d, C)
+def bn_relu_fwd(x2d, gamma, beta, mean, rstd, poison=False, plan=None):
+    """relu(bn(x2d)) for a contiguous [M, C] matrix with given mean and rstd; a new [M, C] matrix.
+    x2d may also be a channels-last contiguous [N, C, H, W] tensor (its rows): the output is then one too.
+    plan: bn_relu_plan(x2d, "fwd") (kept by a caller that repeats the shape), or None."""
+    if plan is None:
+        plan = bn_relu_plan(x2d, "fwd")
     a = _empty_like(x2d, poison)
-    if M == 0:
-        return a
-    tile, block_c = _tile(x2d.device, C)
-    grid = (cdiv(M, tile["BLOCK_M"]), cdiv(C, block_c))
-    launch(_bn_relu_fwd_kernel, grid, (x2d, a, gamma, beta, mean, rstd, M, C), x2d.device,
-           BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
+    if plan.grid is not None:  # None: no rows
+        launch_planned(_bn_relu_fwd_kernel, plan, (x2d, a, gamma, beta, mean, rstd, *plan.sizes), x2d.device)
     return a
 
 
-def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False):
+def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False, plan=None):
     """fp32 [3, C]: (dbeta = sum dz, sum dz * (x - mean), dgamma = sum dz * xhat) per channel,
-    dz = da * [(x - mean)*scale + beta > 0], in one launch."""
-    M, C = x2d.shape
-    _check_rows("bn_relu_bwd_reduce", x2d, C)
-    _check_rows("bn_relu_bwd_reduce", da2d, C)
-    tile, block_c = _tile(x2d.device, C)
-    num_row_tiles = cdiv(M, tile["BLOCK_M"])
-    programs = max(1, min(tile["reduce_programs"], num_row_tiles))
-    part = _empty_like(x2d.new_empty((2, programs, C), dtype=torch.float32), poison)
-    sums = _empty_like(x2d.new_empty((3, C), dtype=torch.float32), poison)
-    grid = (programs, cdiv(C, block_c))
-    launch(_bn_relu_bwd_reduce_kernel, grid,
-           (da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(x2d.device, grid[1]), M, C, num_row_tiles),
-           x2d.device, BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c, BLOCK_P=tile["BLOCK_P"])
+    dz = da * [(x - mean)*scale + beta > 0], in one launch (matrices, or channels-last tensors, as
+    bn_relu_fwd's). plan: bn_relu_plan(x2d, "reduce", da2d), or None."""
+    if plan is None:
+        plan = bn_relu_plan(x2d, "reduce", da2d)
+    M, C, part_shape, num_row_tiles, n_tickets = plan.sizes
+    dev = x2d.device
+    part = _alloc(part_shape, dev, poison)
+    sums = torch.full((3, C), float("nan"), dtype=torch.float32, device=dev) if poison else part.new_empty(3, C)
+    launch_planned(_bn_relu_bwd_reduce_kernel, plan,
+                   (da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(dev, n_tickets), M, C, num_row_tiles), dev)
     return sums
 
 
-def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison=False):
-    """dx of relu(bn(x)) for contiguous [M, C] matrices (x's dtype); sums from bn_relu_bwd_reduce."""
-    M, C = x2d.shape
-    _check_rows("bn_relu_bwd_dx", x2d, C)
-    _check_rows("bn_relu_bwd_dx", da2d, C)
+def bn_relu_bwd_dx(da2d, x2d, gamma, beta, mean, rstd, sums, batch_stats, poison=False, plan=None):
+    """dx of relu(bn(x)) for contiguous [M, C] matrices, or channels-last tensors (x's dtype); sums from
+    bn_relu_bwd_reduce. plan: bn_relu_plan(x2d, "dx_batch" or "dx_running", da2d), or None."""
+    if plan is None:
+        plan = bn_relu_plan(x2d, "dx_batch" if batch_stats else "dx_running", da2d)
     dx = _empty_like(x2d, poison)
-    if M == 0:
-        return dx
-    tile, block_c = _tile(x2d.device, C)
-    grid = (cdiv(M, tile["BLOCK_M"]), cdiv(C, block_c))
-    launch(_bn_relu_bwd_dx_kernel, grid, (da2d, x2d, dx, gamma, beta, mean, rstd, sums, M, C), x2d.device,
-           BATCH_STATS=bool(batch_stats), BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
+    if plan.grid is not None:
+        launch_planned(_bn_relu_bwd_dx_kernel, plan, (da2d, x2d, dx, gamma, beta, mean, rstd, sums, *plan.sizes),
+                       x2d.device)
     return dx
+
+
+_PLANS = plan_cache()  # (device's card, M, C, which launch) -> Plan
+
+
+def bn_relu_plan(x2d, which, da2d=None) -> Plan:
+    """The launch plan of a BN-ReLU kernel on x2d's rows (`which`: "fwd", "reduce", "dx_batch" or
+    "dx_running"), the arguments checked; grid None where there are no rows (nothing to launch)."""
+    name = "bn_relu_fwd" if which == "fwd" else ("bn_relu_bwd_reduce" if which == "reduce" else "bn_relu_bwd_dx")
+    M, C = _rows_of(name, x2d)
+    if da2d is not None and _rows_of(name, da2d) != (M, C):
+        raise ValueError(f"{name}: da2d must have x2d's shape {tuple(x2d.shape)}, got {tuple(da2d.shape)}")
+    card = card_of(x2d.device)
+    key = (card, M, C, which)
+    plan = _PLANS.get(key)
+    if plan is None:
+        tile = tiles("bn_relu", card)
+        block_c = min(tile["BLOCK_C_MAX"], max(16, 1 << (C - 1).bit_length()))
+        grid = (cdiv(M, tile["BLOCK_M"]), cdiv(C, block_c))
+        kwargs = dict(BLOCK_M=tile["BLOCK_M"], BLOCK_C=block_c)
+        sizes = (M, C)
+        if which == "reduce":
+            num_row_tiles = grid[0]
+            programs = max(1, min(tile["reduce_programs"], num_row_tiles))
+            grid = (programs, grid[1])
+            kwargs["BLOCK_P"] = tile["BLOCK_P"]
+            sizes = (M, C, (2, programs, C), num_row_tiles, grid[1])
+        elif which != "fwd":
+            kwargs["BATCH_STATS"] = which == "dx_batch"
+        plan = _PLANS[key] = Plan(key, sizes, kwargs, grid=grid if M > 0 or which == "reduce" else None)
+    return plan
+
+
+def _alloc(shape, device, poison):
+    if poison:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)

@@ -36,12 +36,14 @@ import torch
 from . import configs
 from .cards import Card
 
-__all__ = ["cdiv", "launch", "TunedKernel", "table", "pin", "clear", "save", "read", "load", "coordinate", "benchmark"]
+__all__ = ["cdiv", "launch", "launch_planned", "Plan", "plan_cache", "TunedKernel", "table", "pin", "clear", "save", "read", "load",
+           "coordinate", "benchmark"]
 
 FORMAT = 1
 _TABLE: dict[str, dict[str, dict[str, str]]] = {}  # card -> kernel -> key -> config name
 _KERNELS: list["TunedKernel"] = []
 _COORDINATOR: list = []  # [(store, rank, timeout)] while coordinate() is active
+_PLAN_CACHES: list = []  # every launcher's plans: emptied with the table, since a plan holds a tile
 
 
 def cdiv(a: int, b: int) -> int:
@@ -65,6 +67,37 @@ def launch(kernel, grid, args, device: torch.device, **kwargs):
         return kernel[grid](*args, **kwargs)
     with guard:
         return kernel[grid](*args, **kwargs)
+
+
+class Plan:
+    """What a launcher works out once per shape and flags (its `key`): `sizes`, the launcher's own
+    (output shapes, buffer sizes, scalars), and the launch's grid and keywords (constexprs and tile),
+    filled on the first launch on real tensors. A warm call then only allocates its outputs, builds the
+    argument tuple and launches: the host pays a few microseconds a launch instead of re-deriving tiles,
+    grids and flags (fastpreact/cost/host.py measures it). A caller that launches the same shapes again
+    and again (the bottleneck node) may keep a launcher's plan (its *_plan function) and hand it back
+    with plan=, which also skips the key and the argument checks."""
+    __slots__ = ("key", "sizes", "grid", "kwargs")
+
+    def __init__(self, key, sizes, constexprs: dict, grid=None):
+        self.key, self.sizes, self.kwargs, self.grid = key, sizes, constexprs, grid
+
+
+def plan_cache() -> dict:
+    """A launcher's {key: Plan}, emptied by clear() and pin() (a plan holds the tile of the table)."""
+    cache: dict = {}
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+def launch_planned(kernel, plan: Plan, args, device: torch.device):
+    """launch(kernel, plan.grid, args, device, **plan.kwargs), without re-packing the keywords through
+    launch's signature (a microsecond or two a launch)."""
+    guard = _on_device(device)
+    if guard is None:
+        return kernel[plan.grid](*args, **plan.kwargs)
+    with guard:
+        return kernel[plan.grid](*args, **plan.kwargs)
 
 
 def _quick() -> bool:
@@ -130,6 +163,17 @@ class TunedKernel:
         launch(self.kernel, plan[1], args, device, **constexprs, **plan[2])
         return plan[0]
 
+    def run_planned(self, plan: Plan, grid, args, *, card: Card, device, dtype):
+        """run() for a launcher's Plan (its kwargs the constexprs, until the first launch on real tensors
+        adds the tile's and sets its grid from grid(tile))."""
+        if plan.grid is None:
+            tile = self._choose(card, self._key(args), dtype, grid, args, device, plan.kwargs)
+            kwargs = {**plan.kwargs, **tile.kwargs}
+            if not _runnable(args):  # a fake run (the cost model) does not settle the launch
+                return launch(self.kernel, grid(tile), args, device, **kwargs)
+            plan.grid, plan.kwargs = grid(tile), kwargs
+        return launch_planned(self.kernel, plan, args, device)
+
     def candidates(self, card: Card, values, dtype):
         sizes = dict(zip(self.key_names, values))
         return configs.candidates(self.name, card, _elem_bytes(dtype), sizes if {"M", "K", "N"} <= set(sizes) else None)
@@ -166,7 +210,7 @@ class TunedKernel:
         for tile in cands:
             try:
                 times[tile.name] = benchmark(
-                    lambda: launch(self.kernel, grid(tile), args, device, **constexprs, **tile.kwargs))
+                    lambda tile=tile: launch(self.kernel, grid(tile), args, device, **constexprs, **tile.kwargs))
             except errors as exc:  # this config cannot run on this card: skip it
                 times[tile.name], last_error = math.inf, exc
             finally:
@@ -219,8 +263,14 @@ def table() -> dict:
 def clear():
     """Forget every choice (the next launch of each shape tunes again)."""
     _TABLE.clear()
+    _forget_plans()
+
+
+def _forget_plans():
     for k in _KERNELS:
         k._memo.clear()
+    for cache in _PLAN_CACHES:
+        cache.clear()
 
 
 def pin(choices: dict):
@@ -229,8 +279,7 @@ def pin(choices: dict):
     for card, kernels in choices["cards"].items():
         for kernel, keys in kernels.items():
             _TABLE.setdefault(card, {}).setdefault(kernel, {}).update(keys)
-    for k in _KERNELS:
-        k._memo.clear()
+    _forget_plans()
 
 
 def _check(choices):

@@ -8,7 +8,8 @@ Method. The fused path runs through Triton's interpreter with InterpretedFunctio
 no-op, so a kernel launch costs only what the library does around it (checks, statistics bookkeeping,
 allocations, the tuner's lookup, autograd). Stock runs for real on the CPU at sizes where its compute is
 small (narrow nets, 8x8 inputs, batch 2), so its time is an upper bound of its host time and the fused /
-stock ratio a conservative one. One intra-op thread, best of several rounds. Cases:
+stock ratio a conservative one. One intra-op thread, best of several rounds, stock's and fused's rounds
+interleaved (a shared host's slow spells then hit both). Cases:
   op      one BNReLUConv1x1(64, 64) forward + backward on [2, 64, 4, 4] against BN -> ReLU -> 1x1 conv
   step    a resnet164 training step (forward, cross-entropy, backward, SGD with momentum), batch 2, 8 px
   fwdbwd  resnet1001 forward + backward, batch 2, 8 px
@@ -48,15 +49,19 @@ def stubbed_launches():
         InterpretedFunction.run = saved
 
 
-def _best_ms(fn, rounds, calls):
-    fn()  # first call: imports, the tuner's table, allocator warm-up
-    best = float("inf")
+def _best_ms(fns: dict, rounds, calls) -> dict:
+    """{name: best ms per call} of each function, the rounds interleaved (stock, fused, stock, ...) so that
+    a slow spell of a shared host hits both sides alike."""
+    for fn in fns.values():
+        fn()  # first call: imports, the tuner's table, the launch plans, allocator warm-up
+    best = {name: float("inf") for name in fns}
     for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e3
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / calls)
+    return {name: b * 1e3 for name, b in best.items()}
 
 
 def _cl(t):
@@ -101,14 +106,15 @@ def measure(case: str, rounds: int = 5) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = {}
         with stubbed_launches():
+            fns = {}
             for kernels in ("stock", "fused"):
                 if case == "op":
-                    fn, calls = _op_case(kernels)
+                    fns[kernels], calls = _op_case(kernels)
                 else:
-                    fn, calls = _net_case("resnet164" if case == "step" else "resnet1001", kernels, case == "step")
-                out[f"{kernels}_ms"] = _best_ms(fn, rounds, calls)
+                    fns[kernels], calls = _net_case("resnet164" if case == "step" else "resnet1001", kernels,
+                                                    case == "step")
+            out = {f"{k}_ms": ms for k, ms in _best_ms(fns, rounds, calls).items()}
     finally:
         torch.set_num_threads(threads)
     out["ratio"] = out["fused_ms"] / out["stock_ms"]

@@ -28,7 +28,7 @@ CARDS = {
     "h200": {"matmul_flops": 790e12, "copy_bytes_per_s": 4.3e12, "source": "measured on an H200"},
 }
 CARD_PEAKS = {name: (c["matmul_flops"], c["copy_bytes_per_s"]) for name, c in CARDS.items()}
-HOST_US = {"aten": 26.2, "triton": 61.6}  # measured host cost per launch, microseconds (see above)
+HOST_US = {"aten": 29.5, "triton": 52.4}  # measured host cost per launch, microseconds (see above)
 
 
 def predict(cost: StepCost, card: str, host_us: dict | None = None) -> dict:

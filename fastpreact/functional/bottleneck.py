@@ -23,31 +23,65 @@ path, which tests/test_fused_models.py checks bit for bit against this one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import autocast_off, compute_dtype, eager, use_triton
-from .batchnorm import bn_stats_impl
-from .bn_relu import bn_relu_backward_impl, bn_relu_forward_impl
-from .conv1x1_ops import Conv1x1Call, backward_impl, forward_impl
-from .types import BNFinish, BNStats
+from .backends import autocast_off, compute_dtype, eager, kernels, poison, use_triton
+from .types import BNStats
 
 __all__ = ["eligible", "preact_bottleneck"]
 
 
-@dataclass(frozen=True)
 class _Unit:
     """The non-tensor side of one unit's call."""
-    norms: tuple               # (norm1, norm2, norm3): BatchNorm2d modules in training
-    strides: tuple             # (conv1, conv2, projection or 0)
-    padding: int               # conv2's
-    dtype: torch.dtype         # the compute dtype (autocast's, else x's)
-    stats: Optional[BNStats]   # x's stats, finished for norm1 by the previous unit, or None
-    next_bn: Optional[nn.Module]  # the BatchNorm consuming the output, finished in conv3's launch
+    __slots__ = ("norms", "strides", "padding", "dtype", "stats", "next_bn", "plans")
+
+    def __init__(self, norms, strides, padding, dtype, stats, next_bn, plans):
+        self.norms = norms      # (norm1, norm2, norm3): BatchNorm2d modules in training
+        self.strides = strides  # (conv1, conv2, projection or 0)
+        self.padding = padding  # conv2's
+        self.dtype = dtype      # the compute dtype (autocast's, else x's)
+        self.stats = stats      # x's BNStats, finished for norm1 by the previous unit, or None
+        self.next_bn = next_bn  # the BatchNorm consuming the output, finished in conv3's launch, or None
+        self.plans = plans      # the launchers' plans of this unit's shapes (_unit_plans)
+
+
+# The launchers' plans (kernels' *_plan functions), kept per unit shape: the units of a net repeat a few
+# shapes, and a warm launcher given its plan skips its key and argument checks. A unit's list holds the
+# forward's plans by launch site (F_*), then a dict of the backward's by needs_input_grad.
+F_STATS1, F_CONV1, F_PROJ, F_BN_RELU, F_STATS3, F_CONV3, BACKWARD = range(7)
+B_CONV3, B_REDUCE2, B_DX2, B_CONV1, B_PROJ = range(5)
+_UNIT_PLANS: list = []  # [the plan cache], made on first use (emptied with the tuning table)
+
+
+def _unit_plans(key) -> list:
+    if not _UNIT_PLANS:
+        _UNIT_PLANS.append(kernels("tuning").plan_cache())
+    cache = _UNIT_PLANS[0]
+    plans = cache.get(key)
+    if plans is None:
+        plans = cache[key] = [None] * BACKWARD + [{}]
+    return plans
+
+
+def _site(plans, i, make):
+    """plans[i], made by make() on the first call of this unit shape."""
+    plan = plans[i]
+    if plan is None:
+        plan = plans[i] = make()
+    return plan
+
+
+def _pretend_key():
+    """The card the kernels pretend to run on (kernels.cards.pretend), or None: it sets the plans' tiles."""
+    pretend = kernels("cards")._PRETEND
+    return pretend[-1] if pretend else None
+
+
+def _momentum_none(bn):
+    return bn is not None and bn.momentum is None
 
 
 def _plain_bn(bn) -> bool:
@@ -91,18 +125,40 @@ def preact_bottleneck(x, unit, stats=None, next_bn=None):
     mods = unit._modules
     ds, c1, c2, c3 = mods.get("downsample"), mods["conv1"], mods["conv2"], mods["conv3"]
     norms = (mods["norm1"], mods["norm2"], mods["norm3"])
-    plan = _Unit(norms, (_stride(c1), _stride(c2), _stride(ds) if ds is not None else 0), c2.padding[0], dtype,
-                 stats, next_bn)
+    strides = (_stride(c1), _stride(c2), _stride(ds) if ds is not None else 0)
+    w1, wd, w2, w3 = _weight(c1), _weight(ds) if ds is not None else None, _weight(c2), _weight(c3)
+    # Everything the launchers' plans depend on: shapes, dtypes, strides, the card and its TF32 switch,
+    # which statistics are given or finished, and the BatchNorms' momentum-None flags.
+    key = (x.shape, x.dtype, dtype, x.device, w1.shape, w1.dtype, None if wd is None else (wd.shape, wd.dtype),
+           w2.shape, w2.dtype, w3.shape, w3.dtype, strides, c2.padding[0], stats is None, next_bn is None,
+           tuple(_momentum_none(n) for n in (*norms, next_bn)), torch._C._get_cudnn_allow_tf32(), _pretend_key())
+    plan = _Unit(norms, strides, c2.padding[0], dtype, stats, next_bn, _unit_plans(key))
     n1, n2, n3 = (n._parameters for n in norms)
-    params = (_weight(c1), _weight(ds) if ds is not None else None, _weight(c2), _weight(c3),
-              n1["weight"], n1["bias"], n2["weight"], n2["bias"], n3["weight"], n3["bias"])
+    params = (w1, wd, w2, w3, n1["weight"], n1["bias"], n2["weight"], n2["bias"], n3["weight"], n3["bias"])
     y, mean, var, rstd = _PreActBottleneck.apply(x, plan, *params)
     return y, BNStats(mean, var, rstd)
 
 
-def _finish(bn) -> BNFinish:
+def _finish(bn) -> dict:
+    """The kernels' next_bn / batch_stats keywords that finish BatchNorm `bn` (its buffers read per call:
+    model.to() and load_state_dict may replace them)."""
     b = bn._buffers
-    return BNFinish(b["running_mean"], b["running_var"], b["num_batches_tracked"], bn.momentum, float(bn.eps))
+    return dict(eps=float(bn.eps), running_mean=b["running_mean"], running_var=b["running_var"],
+                num_batches_tracked=b["num_batches_tracked"], momentum=bn.momentum)
+
+
+_KERNELS: list = []  # the kernel modules (bn_relu_conv1x1, bn_relu, batch_stats), imported on first use
+
+
+def _kernels():
+    if not _KERNELS:
+        _KERNELS.extend(kernels(name) for name in ("bn_relu_conv1x1", "bn_relu", "batch_stats"))
+    return _KERNELS
+
+
+def _w2d(w):
+    """A 1x1 conv weight [Cout, K, 1, 1] as the kernels' [Cout, K] matrix (a view of a contiguous one)."""
+    return w.reshape(w.shape[0], -1).contiguous()
 
 
 class _PreActBottleneck(torch.autograd.Function):
@@ -110,85 +166,129 @@ class _PreActBottleneck(torch.autograd.Function):
     of norm1, norm2, norm3: each tensor that takes a gradient is an argument of its own, which is how
     autograd.Function hands out gradients (hence the long list). Outputs: y and the (mean, var, rstd) of
     y (rstd when finished for next_bn; no gradient).
-    Saves x, h1, h2, the weights, the BatchNorm parameters and the three (mean, rstd)."""
+    Saves x, h1, h2, the weights, the BatchNorm parameters and the three (mean, rstd).
+
+    The launches are the kernels' own launchers, called with the arguments the per-op path gives them
+    (conv1x1_ops.forward_impl / backward_impl, bn_relu's and batchnorm's implementations), so both paths
+    compute the same bits; the launchers take the channels-last activations as they are (no row views)."""
 
     @staticmethod
     def forward(ctx, x, plan: _Unit, w1, wd, w2, w3, g1, b1, g2, b2, g3, b3):
+        kc, kb, ks = _kernels()
+        pz, dtype = poison(), plan.dtype
+        ctx.set_materialize_grads(False)  # the statistics outputs take no gradient: no zeros made for them
         n1, n2, n3 = plan.norms
         s1, s2, sd = plan.strides
-        s_in = plan.stats or bn_stats_impl(x.detach(), *_finish(n1)[:4], float(n1.eps), True)
-        st1 = BNStats(s_in[0], s_in[1], s_in[2])
+        P = plan.plans
+        if plan.stats is not None:
+            m1, r1 = plan.stats.mean, plan.stats.rstd
+        else:
+            f1 = _finish(n1)
+            p = _site(P, F_STATS1, lambda: ks.batch_stats_plan(x, increment_nbt=True, **f1))
+            m1, _, r1 = ks.batch_stats(x, pz, p, increment_nbt=True, **f1)
         fused_proj = wd is not None and sd == s1
-        w_cat = torch.cat([w1, wd.to(w1.dtype)], dim=0) if fused_proj else w1
         ca = w1.shape[0]
-        call1 = Conv1x1Call(s1, ca if fused_proj else 0, True, True, _finish(n2), dtype=plan.dtype)
-        h1, proj, st2 = forward_impl(x, w_cat, g1, b1, st1, call1)
+        w_cat = _w2d(torch.cat([w1, wd.to(w1.dtype)], dim=0) if fused_proj else w1)
+        split, f2 = ca if fused_proj else 0, _finish(n2)
+        p = _site(P, F_CONV1, lambda: kc.fwd_plan(x, w_cat, stride=s1, split=split, output_stats=True, next_bn=f2,
+                                                  out_dtype=dtype))
+        out, st2 = kc.bn_relu_conv1x1_fwd(x, w_cat, m1, r1, g1, b1, stride=s1, split=split, output_stats=True,
+                                          next_bn=f2, out_dtype=dtype, poison=pz, plan=p)
+        h1, proj = out if fused_proj else (out, None)
         if wd is not None and not fused_proj:
-            proj = forward_impl(x, wd, g1, b1, st1, Conv1x1Call(sd, dtype=plan.dtype))[0]
-        st2 = BNStats(st2.mean[:ca], st2.var[:ca], st2.rstd)
-        a2 = bn_relu_forward_impl(h1, g2, b2, st2.mean, st2.rstd)
+            wd2 = _w2d(wd)
+            p = _site(P, F_PROJ, lambda: kc.fwd_plan(x, wd2, stride=sd, out_dtype=dtype))
+            proj = kc.bn_relu_conv1x1_fwd(x, wd2, m1, r1, g1, b1, stride=sd, out_dtype=dtype, poison=pz, plan=p)[0]
+        m2, r2 = (st2[0][:ca], st2[2]) if fused_proj else (st2[0], st2[2])
+        a2 = kb.bn_relu_fwd(h1, g2, b2, m2, r2, pz, _site(P, F_BN_RELU, lambda: kb.bn_relu_plan(h1, "fwd")))
         w2c = w2.to(a2.dtype)  # cast once: backward reuses it (as a stock conv under autocast saves it)
         with autocast_off(x.device):
             h2 = F.conv2d(a2, w2c, None, s2, plan.padding)
         del a2
         h2 = h2.contiguous(memory_format=torch.channels_last)
-        st3 = bn_stats_impl(h2, *_finish(n3)[:4], float(n3.eps), True)
-        st3 = BNStats(st3[0], st3[1], st3[2])
+        f3 = _finish(n3)
+        p = _site(P, F_STATS3, lambda: ks.batch_stats_plan(h2, increment_nbt=True, **f3))
+        m3, _, r3 = ks.batch_stats(h2, pz, p, increment_nbt=True, **f3)
         shortcut = x if wd is None else proj
-        if shortcut.dtype != plan.dtype:
-            shortcut = shortcut.to(plan.dtype).contiguous(memory_format=torch.channels_last)
+        if shortcut.dtype != dtype:
+            shortcut = shortcut.to(dtype).contiguous(memory_format=torch.channels_last)
         nb = plan.next_bn
-        call3 = Conv1x1Call(1, 0, True, True, _finish(nb) if nb is not None else None, dtype=plan.dtype)
-        y, _, out = forward_impl(h2, w3, g3, b3, st3, call3, residual=shortcut)
-        ctx.save_for_backward(x, h1, h2, w_cat, wd, w2c, w3, g1, b1, g2, b2, g3, b3, st1.mean, st1.rstd,
-                              st2.mean, st2.rstd, st3.mean, st3.rstd)
-        ctx.plan, ctx.fused_proj, ctx.w2_dtype = plan, fused_proj, w2.dtype
-        stats_out = tuple(out[:3])
+        w3m, fn = _w2d(w3), (_finish(nb) if nb is not None else None)
+        p = _site(P, F_CONV3, lambda: kc.fwd_plan(h2, w3m, residual=shortcut, output_stats=True, next_bn=fn,
+                                                  out_dtype=dtype))
+        y, out = kc.bn_relu_conv1x1_fwd(h2, w3m, m3, r3, g3, b3, residual=shortcut, output_stats=True, next_bn=fn,
+                                        out_dtype=dtype, poison=pz, plan=p)
+        ctx.save_for_backward(x, h1, h2, w_cat, wd, w2c, w3m, g1, b1, g2, b2, g3, b3, m1, r1, m2, r2, m3, r3)
+        ctx.plan, ctx.fused_proj, ctx.w2_dtype, ctx.w_shapes = plan, fused_proj, w2.dtype, (w1.shape, w3.shape)
+        stats_out = out if len(out) == 3 else (*out, None)
         ctx.mark_non_differentiable(*(t for t in stats_out if t is not None))
         return (y, *stats_out)
 
     @staticmethod
     def backward(ctx, dy, *_):
-        (x, h1, h2, w_cat, wd, w2c, w3, g1, b1, g2, b2, g3, b3,
+        if dy is None:  # y took no gradient (only its statistics were used downstream)
+            return (None,) * 12
+        (x, h1, h2, w_cat, wd, w2c, w3m, g1, b1, g2, b2, g3, b3,
          m1, r1, m2, r2, m3, r3) = ctx.saved_tensors
-        plan = ctx.plan
+        kc = _kernels()[0]
+        plan, pz = ctx.plan, poison()
         s1, s2, sd = plan.strides
+        w1_shape, w3_shape = ctx.w_shapes
         need = ctx.needs_input_grad  # x, plan, w1, wd, w2, w3, g1, b1, g2, b2, g3, b3
+        by_need = plan.plans[BACKWARD]
+        P = by_need.get(need)
+        if P is None:
+            P = by_need[need] = [None] * 5
         dy = dy.to(plan.dtype).contiguous(memory_format=torch.channels_last)
-        dh2, dw3, db3, dg3 = backward_impl((dy, None), (h2, w3, g3, b3, m3, r3), Conv1x1Call(1, dtype=plan.dtype),
-                                           (True, need[5], True))
-        dh1, dw2, dg2, db2 = _conv2_backward(dh2, h1, w2c, (g2, b2, m2, r2), plan, need[4])
+        p = _site(P, B_CONV3, lambda: kc.bwd_plan(h2, dy, w3m, need_w=need[5]))
+        dh2, dw3, db3, dg3 = kc.bn_relu_conv1x1_bwd(h2, dy, w3m, m3, r3, g3, b3, need_w=need[5], poison=pz, plan=p)
+        dh1, dw2, dg2, db2 = _conv2_backward(dh2, h1, w2c, (g2, b2, m2, r2), plan, need[4], P)
         dw2 = None if dw2 is None else dw2.to(ctx.w2_dtype)
         dh1 = dh1.to(plan.dtype).contiguous(memory_format=torch.channels_last)
-        c1 = Conv1x1Call(s1, w_cat.shape[0] - wd.shape[0] if ctx.fused_proj else 0, dtype=plan.dtype)
-        grads = (dh1, dy if ctx.fused_proj else None)
+        split = w_cat.shape[0] - wd.shape[0] if ctx.fused_proj else 0
         # The identity shortcut's gradient is added in conv1's dx pass where it has x's dtype; an x of
         # another dtype (an fp32 input under autocast) gets it cast and added after, as autograd would.
         in_pass = wd is None and need[0] and x.dtype == dy.dtype
-        dx, dw_cat, db1, dg1 = backward_impl(grads, (x, w_cat, g1, b1, m1, r1), c1, (need[0], need[2] or need[3], True),
-                                             dy if in_pass else None)
+        dy2 = dy if ctx.fused_proj else None
+        p = _site(P, B_CONV1, lambda: kc.bwd_plan(x, dh1, w_cat, stride=s1, dy2=dy2, need_x=need[0],
+                                                  need_w=need[2] or need[3], accumulate=in_pass))
+        dx, dw_cat, db1, dg1 = kc.bn_relu_conv1x1_bwd(
+            x, dh1, w_cat, m1, r1, g1, b1, stride=s1, dy2=dy2, need_x=need[0], need_w=need[2] or need[3],
+            add_grad=dy if in_pass else None, poison=pz, plan=p)
         if wd is None and need[0] and not in_pass:
             dx = dx + dy.to(x.dtype)
         dw1, dwd = dw_cat, None
         if ctx.fused_proj and dw_cat is not None:
-            dw1, dwd = dw_cat[:c1.split], dw_cat[c1.split:].to(wd.dtype)
+            dw1, dwd = dw_cat[:split], dw_cat[split:].view(wd.shape).to(wd.dtype)
         elif wd is not None:  # a projection of its own stride: its own two passes, summed as autograd would
-            dxd, dwd, dbd, dgd = backward_impl((dy, None), (x, wd, g1, b1, m1, r1), Conv1x1Call(sd, dtype=plan.dtype),
-                                               (need[0], need[3], True))
+            wd2 = _w2d(wd)
+            p = _site(P, B_PROJ, lambda: kc.bwd_plan(x, dy, wd2, stride=sd, need_x=need[0], need_w=need[3]))
+            dxd, dwd, dbd, dgd = kc.bn_relu_conv1x1_bwd(x, dy, wd2, m1, r1, g1, b1, stride=sd, need_x=need[0],
+                                                        need_w=need[3], poison=pz, plan=p)
+            dwd = None if dwd is None else dwd.view(wd.shape)
             dx = dx + dxd if dx is not None else None
             db1, dg1 = db1 + dbd, dg1 + dgd
-        return (dx, None, dw1 if need[2] else None, dwd if need[3] else None, dw2, dw3 if need[5] else None,
-                dg1, db1, dg2, db2, dg3, db3)
+        return (dx, None, None if dw1 is None or not need[2] else dw1.view(w1_shape),
+                dwd if need[3] else None, dw2, dw3.view(w3_shape) if need[5] else None, dg1, db1, dg2, db2, dg3, db3)
 
 
-def _conv2_backward(dh2, h1, w2c, bn2, plan, need_w):
-    """conv2(relu(bn2(h1))) backward: (dh1, dW2 or None, dgamma2, dbeta2); the pre-activation recomputed."""
+def _conv2_backward(dh2, h1, w2c, bn2, plan, need_w, P):
+    """conv2(relu(bn2(h1))) backward: (dh1, dW2 or None, dgamma2, dbeta2); the pre-activation recomputed.
+    P: the backward's plans of this unit shape."""
     g2, b2, m2, r2 = bn2
     s2, pad = plan.strides[1], plan.padding
+    kb, pz = _kernels()[1], poison()
     with autocast_off(h1.device):
-        a2 = bn_relu_forward_impl(h1, g2, b2, m2, r2)
-        da, dw, _ = torch.ops.aten.convolution_backward(dh2.to(a2.dtype), a2, w2c, None, [s2] * 2, [pad] * 2, [1, 1],
-                                                        False, [0, 0], 1, [True, need_w, False])
+        a2 = kb.bn_relu_fwd(h1, g2, b2, m2, r2, pz, plan.plans[F_BN_RELU])
+        da, dw, _ = _CONV_BACKWARD(dh2.to(a2.dtype), a2, w2c, None, [s2] * 2, [pad] * 2, [1, 1], False, [0, 0], 1,
+                                   [True, need_w, False])
         del a2
-        dh1, sums = bn_relu_backward_impl(da, h1, g2, b2, m2, r2, True)
+        da = da.contiguous(memory_format=torch.channels_last)
+        sums = kb.bn_relu_bwd_reduce(da, h1, g2, b2, m2, r2, pz, _site(P, B_REDUCE2,
+                                                                       lambda: kb.bn_relu_plan(h1, "reduce", da)))
+        dh1 = kb.bn_relu_bwd_dx(da, h1, g2, b2, m2, r2, sums, True, pz,
+                                _site(P, B_DX2, lambda: kb.bn_relu_plan(h1, "dx_batch", da)))
     return dh1, dw, sums[2], sums[0]
+
+
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default

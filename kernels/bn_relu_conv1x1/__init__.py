@@ -27,13 +27,14 @@ contiguous channels-last outputs (and take two gradients in backward).
   three_pass.py  dz stored with the sums, the elementwise dx pass, and the dW / dz / dx launchers
 Tiles come from kernels/configs.py per card; launches go through kernels/tuning.py (device guard, tile
 choice). Launchers: plain functions over channels-last contiguous 4-D tensors (checked by the caller,
-fastpreact.functional); `poison=True` fills every output with NaN first, so tests catch any element a
+fastpreact.functional), each with a *_plan function whose result a caller repeating the shapes may keep
+and pass back (plan=); `poison=True` fills every output with NaN first, so tests catch any element a
 kernel fails to write.
 """
 from .backward import (backward_passes, bn_relu_conv1x1_bwd, bn_relu_conv1x1_bwd_dw,  # noqa: F401
-                       bn_relu_conv1x1_bwd_dx, bn_relu_conv1x1_bwd_dz)
+                       bn_relu_conv1x1_bwd_dx, bn_relu_conv1x1_bwd_dz, bwd_plan)
 from .common import out_size  # noqa: F401
-from .forward import bn_relu_conv1x1_fwd  # noqa: F401
+from .forward import bn_relu_conv1x1_fwd, fwd_plan  # noqa: F401
 
-__all__ = ["bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd", "backward_passes", "bn_relu_conv1x1_bwd_dw",
+__all__ = ["bn_relu_conv1x1_fwd", "fwd_plan", "bn_relu_conv1x1_bwd", "bwd_plan", "backward_passes", "bn_relu_conv1x1_bwd_dw",
            "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_bwd_dx", "out_size"]

@@ -56,11 +56,11 @@ from __future__ import annotations
 import os
 
 from ..cards import card_of
-from .common import dot_precision, out_size
+from .common import check_addend, dot_precision, out_size
 from .three_pass import bn_relu_conv1x1_bwd_dw, bn_relu_conv1x1_bwd_dx, bn_relu_conv1x1_bwd_dz
-from .two_pass import dgrad, reduce_rows
+from .two_pass import dgrad, dgrad_plan, reduce_plan, reduce_rows
 
-__all__ = ["bn_relu_conv1x1_bwd", "backward_passes", "RIDGE", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz",
+__all__ = ["bn_relu_conv1x1_bwd", "bwd_plan", "backward_passes", "RIDGE", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz",
            "bn_relu_conv1x1_bwd_dx"]
 
 # Dense 16-bit tensor-core FLOP/s (fp32 accumulation) over ~90% of the DRAM datasheet bandwidth, FLOP per
@@ -123,7 +123,7 @@ def _planned_passes(x, dy, weight2d, stride, need_w, accumulate):
 
 def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, dy2=None, batch_stats=True,
                         need_x=True, need_w=True, need_bn=True, add_grad=None, accumulate_into=None, w_dtype=None,
-                        passes=None, poison=False):
+                        passes=None, poison=False, plan=None):
     """The backward of y = relu((x - mean) * gamma * rstd + beta) (*) weight2d: (dx, dW, dbeta, dgamma),
     None for each one not needed.
 
@@ -138,22 +138,22 @@ def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, d
     accumulate_into: the same, but dx is added into it in place and it is returned as dx.
     w_dtype: dW's dtype (default weight2d's). passes: 2 or 3 to force a path (tests); None: the rule, or
     the environment's FASTPREACT_BACKWARD_PASSES (2 or 3) where set when the kernels are imported.
+    plan: bwd_plan's for these arguments (kept by a caller that repeats them; the arguments are then taken
+    as checked), or None.
     Returns dx (x's dtype, channels-last), dW ([Cout, K], w_dtype), dbeta and dgamma (fp32 [K], two rows
     of one [2, K] buffer).
     """
     need_sums = need_bn or (need_x and batch_stats)
     w_dtype = weight2d.dtype if w_dtype is None else w_dtype
-    _check(x, dy, dy2, need_x, add_grad, accumulate_into)
-    if passes is None:
-        passes = FORCED_PASSES
-    if passes is None:
-        passes = 2
-        if need_x and need_sums:
-            passes = _planned_passes(x, dy, weight2d, stride, need_w, add_grad is not None or accumulate_into is not None)
-    if passes not in (2, 3):
-        raise ValueError(f"bn_relu_conv1x1_bwd: passes must be 2, 3 or None, got {passes!r}")
+    if plan is None:
+        _check(x, dy, dy2, need_x, add_grad, accumulate_into)
+        check_addend("bn_relu_conv1x1_bwd", x, add_grad, accumulate_into)
+        plan = bwd_plan(x, dy, weight2d, stride=stride, dy2=dy2, batch_stats=batch_stats, need_x=need_x,
+                        need_w=need_w, need_bn=need_bn, accumulate=add_grad is not None or accumulate_into is not None,
+                        w_dtype=w_dtype, passes=passes)
+    passes, red, dg = plan
     dx = dw = sums = None
-    if passes == 3 and need_x and need_sums:
+    if passes == 3:
         if need_w:
             dw = bn_relu_conv1x1_bwd_dw(x, dy, mean, rstd, gamma, beta, stride=stride, dy2=dy2, out_dtype=w_dtype,
                                         poison=poison)
@@ -163,15 +163,39 @@ def bn_relu_conv1x1_bwd(x, dy, weight2d, mean, rstd, gamma, beta, *, stride=1, d
         dx = bn_relu_conv1x1_bwd_dx(x, dz, mean, rstd, gamma, dbeta, dgamma, stride=stride, batch_stats=batch_stats,
                                     add_grad=add_grad, accumulate_into=accumulate_into, poison=poison)
     else:
-        if need_w or need_sums:
+        if red is not None:
             dw, sums = reduce_rows(x, dy, dy2, weight2d if need_sums else None, mean, rstd, gamma, beta,
-                                   stride=stride, w_dtype=w_dtype, need_w=need_w, need_sums=need_sums, poison=poison)
-        if need_x:
+                                   stride=stride, w_dtype=w_dtype, need_w=need_w, need_sums=need_sums, poison=poison,
+                                   plan=red)
+        if dg is not None:
             dx = dgrad(x, dy, dy2, weight2d, mean, rstd, gamma, beta, sums, stride=stride, batch_stats=batch_stats,
-                       add_grad=add_grad, accumulate_into=accumulate_into, poison=poison)
+                       add_grad=add_grad, accumulate_into=accumulate_into, poison=poison, plan=dg)
     if need_bn:
         return dx, dw, sums[0], sums[1]
     return dx, dw, None, None
+
+
+def bwd_plan(x, dy, weight2d, *, stride=1, dy2=None, batch_stats=True, need_x=True, need_w=True, need_bn=True,
+             accumulate=False, w_dtype=None, passes=None):
+    """The plan of bn_relu_conv1x1_bwd with these arguments (tensors for their shapes and dtypes;
+    accumulate: an add_grad or accumulate_into is given): (3, None, None) for the three-pass path, else
+    (2, reduce_rows's plan or None, dgrad's plan or None)."""
+    need_sums = need_bn or (need_x and batch_stats)
+    w_dtype = weight2d.dtype if w_dtype is None else w_dtype
+    if passes is None:
+        passes = FORCED_PASSES
+    if passes is None:
+        passes = 2
+        if need_x and need_sums:
+            passes = _planned_passes(x, dy, weight2d, stride, need_w, accumulate)
+    if passes not in (2, 3):
+        raise ValueError(f"bn_relu_conv1x1_bwd: passes must be 2, 3 or None, got {passes!r}")
+    if passes == 3 and need_x and need_sums:
+        return 3, None, None
+    red = reduce_plan(x, dy, dy2, stride=stride, w_dtype=w_dtype, need_w=need_w,
+                      need_sums=need_sums) if need_w or need_sums else None
+    dg = dgrad_plan(x, dy, dy2, weight2d, stride=stride, batch_stats=batch_stats, accumulate=accumulate) if need_x else None
+    return 2, red, dg
 
 
 def _check(x, dy, dy2, need_x, add_grad, accumulate_into):

@@ -117,6 +117,33 @@ def empty(shape, dtype, device, poison, channels_last=False):
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
+# The warm launch path allocates through these two: Tensor.new_empty with int sizes (or new_empty_strided)
+# inherits dtype and device from a template and costs the host about half of torch.empty with keywords,
+# and a step makes over a thousand allocations.
+def fp32_buffer(ref, poison, *shape):
+    """An fp32 buffer of `shape` on the device of `ref` (fp32 for the fast path); NaN-filled with poison."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=ref.device)
+    if ref.dtype != torch.float32:
+        return torch.empty(shape, dtype=torch.float32, device=ref.device)
+    return ref.new_empty(*shape)
+
+
+def channels_last_buffer(like, shape, strides, dtype, poison):
+    """A channels-last [N, C, H, W] buffer (strides given) of `dtype` on like's device; NaN-filled with
+    poison. `like` lends its dtype when it has this one."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device).contiguous(
+            memory_format=torch.channels_last)
+    if like.dtype == dtype:
+        return like.new_empty_strided(shape, strides)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=like.device)
+
+
+def channels_last_strides(n, c, h, w):
+    return (h * w * c, 1, w * c, c)
+
+
 def dot_precision(dtype):
     # fp16/bf16 products are exact on tensor cores; fp32 follows cuDNN's convolution TF32 switch (read
     # from torch._C: the torch.backends.cudnn property costs a microsecond, and every launch asks).

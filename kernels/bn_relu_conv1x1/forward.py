@@ -7,19 +7,18 @@ element size, the rest at the compute dtype's (W at its own).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ..batch_stats import _bn_finish, _count_batch, _merge_chunks, _running_args, _take_last_ticket, _tile_mean_m2
+from ..batch_stats import _bn_finish, _count_batch, _merge_chunks, _take_last_ticket, _tile_mean_m2
 from ..cards import card_of
 from ..configs import min_param
 from ..tickets import tickets
-from ..tuning import TunedKernel, cdiv
-from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _mma, dot_precision, empty, out_size,
-                     tune_dtype)
+from ..tuning import Plan, TunedKernel, cdiv, plan_cache
+from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _mma, channels_last_buffer,
+                     channels_last_strides, dot_precision, fp32_buffer, out_size, tune_dtype)
 
-__all__ = ["bn_relu_conv1x1_fwd"]
+__all__ = ["bn_relu_conv1x1_fwd", "fwd_plan"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,7 +134,7 @@ FORWARD = TunedKernel(_bn_relu_conv1x1_fwd_kernel, "bn_relu_conv1x1_fwd",
 
 
 def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=None, residual=None,
-                        split=0, output_stats=False, next_bn=None, out_dtype=None, poison=False):
+                        split=0, output_stats=False, next_bn=None, out_dtype=None, poison=False, plan=None):
     """y = relu((x - mean) * gamma * rstd + beta) (*) weight2d [+ bias] [+ residual].
 
     x: [N, K, H, W] channels-last contiguous, its own dtype; out_dtype: the compute dtype (default x's):
@@ -148,52 +147,90 @@ def bn_relu_conv1x1_fwd(x, weight2d, mean, rstd, gamma, beta, *, stride=1, bias=
     BatchNorm in training that consumes y (its first split channels when split): the same launch
     also finishes it (rstd, running-statistics update, num_batches_tracked incremented).
     Returns (y or (y_a, y_b), (mean, biased var[, rstd with next_bn]) of the output as stored, or None).
+    plan: fwd_plan's for these arguments' shapes and flags (kept by a caller that repeats them), or None.
     """
-    Nb, K, H, W = x.shape
-    Cout = weight2d.shape[0]
-    Ho, Wo = out_size(H, stride), out_size(W, stride)
-    M = Nb * Ho * Wo
-    dev, dt = x.device, (x.dtype if out_dtype is None else out_dtype)
-    card = card_of(dev)
+    if plan is None:
+        plan = fwd_plan(x, weight2d, stride=stride, bias=bias, residual=residual, split=split,
+                        output_stats=output_stats, next_bn=next_bn, out_dtype=out_dtype)
+    next_flags, dt, card = plan.key[8], plan.key[9], plan.key[10]
+    dev = x.device
+    (y_shape, y_strides, y2_shape, y2_strides, cout, n_tickets, M, K, H, W, Ho, Wo, max_blocks, unbias, channels,
+     grid) = plan.sizes
+    like = residual if residual is not None else x
     if split:
-        y = empty((Nb, split, Ho, Wo), dt, dev, poison, channels_last=True)
-        y2 = empty((Nb, Cout - split, Ho, Wo), dt, dev, poison, channels_last=True)
+        y = channels_last_buffer(like, y_shape, y_strides, dt, poison)
+        y2 = channels_last_buffer(like, y2_shape, y2_strides, dt, poison)
     else:
-        y = empty((Nb, Cout, Ho, Wo), dt, dev, poison, channels_last=True)
-        y2 = y
-    if output_stats:
-        max_blocks = cdiv(M, min_param(FORWARD.name, card, "BLOCK_M"))
-        part = empty((2, max_blocks, Cout), torch.float32, dev, poison)
-        stats = (empty((Cout,), torch.float32, dev, poison), empty((Cout,), torch.float32, dev, poison))
-        ticket = tickets(dev, cdiv(Cout, min_param(FORWARD.name, card, "BLOCK_N")) + 1)
+        y = y2 = channels_last_buffer(like, y_shape, y_strides, dt, poison)
+    if output_stats:  # mean is fp32 (see above): the template of the fp32 buffers
+        part = fp32_buffer(mean, poison, 2, max_blocks, cout)
+        stats = (fp32_buffer(mean, poison, cout), fp32_buffer(mean, poison, cout))
+        ticket = tickets(dev, n_tickets)
     else:
-        max_blocks, part = 0, mean
-        ticket = mean  # never touched (OUTPUT_STATS is False)
+        part = ticket = mean  # never touched (OUTPUT_STATS is False)
         stats = None
-    fin = _next_bn_args(next_bn, split or Cout, M, dev, poison, mean)
-
-    def grid(tile):
-        return (cdiv(M, tile["BLOCK_M"]) * cdiv(Cout, tile["BLOCK_N"]),)
-
+    if next_flags is not None:
+        next_rstd = fp32_buffer(mean, poison, channels)
+        update, from_nbt, inc = next_flags
+        momentum = next_bn.get("momentum", 0.1)
+        fin = (next_rstd, next_bn["running_mean"] if update else next_rstd,
+               next_bn["running_var"] if update else next_rstd,
+               next_bn["num_batches_tracked"] if (from_nbt or inc) else next_rstd,
+               float(next_bn["eps"]), 0.0 if momentum is None else float(momentum), unbias, channels)
+    else:
+        fin = (mean, mean, mean, mean, 0.0, 0.0, 1.0, 0)
     args = (x, weight2d, mean, rstd, gamma, beta, bias if bias is not None else mean,
             residual if residual is not None else x, y, y2, part, *(stats or (mean, mean)), ticket,
-            *fin["args"], M, K, Cout, H, W, Ho, Wo, split, max_blocks)
-    FORWARD.run(grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, dt),
-                STRIDE=stride, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                SPLIT_OUT=split > 0, OUTPUT_STATS=output_stats, **fin["flags"], DOT_PRECISION=dot_precision(dt))
-    if next_bn is not None:
-        stats = (*stats, fin["args"][0])
+            *fin, M, K, cout, H, W, Ho, Wo, split, max_blocks)
+    FORWARD.run_planned(plan, grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, dt))
+    if next_flags is not None:
+        stats = (*stats, fin[0])
     return ((y, y2) if split else y), stats
 
 
-def _next_bn_args(next_bn, channels, M, device, poison, dummy):
-    """Kernel arguments that finish the BatchNorm consuming y (next_bn, see bn_relu_conv1x1_fwd)."""
-    if next_bn is None:
-        return dict(args=(dummy,) * 4 + (0.0, 0.0, 1.0, 0),
-                    flags=dict(NEXT_FINISH=False, NEXT_UPDATE_RUNNING=False, NEXT_MOMENTUM_FROM_NBT=False,
-                               NEXT_INCREMENT_NBT=False))
-    rstd = empty((channels,), torch.float32, device, poison)
-    run = _running_args(next_bn.get("running_mean"), next_bn.get("running_var"), next_bn.get("num_batches_tracked"),
-                        next_bn.get("momentum", 0.1), True, rstd)
-    return dict(args=(rstd, *run["ptrs"], float(next_bn["eps"]), run["momentum"], M / max(M - 1, 1), channels),
-                flags=dict(NEXT_FINISH=True, **{f"NEXT_{k}": v for k, v in run["flags"].items()}))
+def fwd_plan(x, weight2d, *, stride=1, bias=None, residual=None, split=0, output_stats=False, next_bn=None,
+             out_dtype=None) -> Plan:
+    """The launch plan of bn_relu_conv1x1_fwd with these arguments (tensors for their shapes and dtypes,
+    next_bn for its flags: which running statistics it has, momentum None or not)."""
+    dt = x.dtype if out_dtype is None else out_dtype
+    if next_bn is not None:
+        rm, nbt, momentum = next_bn.get("running_mean"), next_bn.get("num_batches_tracked"), next_bn.get("momentum", 0.1)
+        update = rm is not None and (momentum is not None or nbt is not None)
+        next_flags = (update, update and momentum is None, nbt is not None)
+    else:
+        next_flags = None
+    key = (x.shape, x.dtype, weight2d.shape[0], stride, bias is not None, residual is not None, split, output_stats,
+           next_flags, dt, card_of(x.device), dot_precision(dt))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(key)
+    return plan
+
+
+_PLANS = plan_cache()  # key (shapes, dtypes, flags, card) -> Plan
+
+
+def _plan(key) -> Plan:
+    """The sizes of one forward launch (see bn_relu_conv1x1_fwd's key)."""
+    x_shape, _, cout, stride, _, _, split, output_stats, _, _, card, _ = key
+    Nb, K, H, W = x_shape
+    Ho, Wo = out_size(H, stride), out_size(W, stride)
+    M = Nb * Ho * Wo
+    max_blocks = cdiv(M, min_param(FORWARD.name, card, "BLOCK_M")) if output_stats else 0
+    n_tickets = cdiv(cout, min_param(FORWARD.name, card, "BLOCK_N")) + 1
+
+    def grid(tile):
+        return (cdiv(M, tile["BLOCK_M"]) * cdiv(cout, tile["BLOCK_N"]),)
+
+    c_a, c_b = split or cout, cout - split
+    return Plan(key, ((Nb, c_a, Ho, Wo), channels_last_strides(Nb, c_a, Ho, Wo), (Nb, c_b, Ho, Wo),
+                 channels_last_strides(Nb, c_b, Ho, Wo), cout, n_tickets, M, K, H, W, Ho, Wo, max_blocks,
+                 M / max(M - 1, 1), c_a, grid), _constexprs(key))
+
+
+def _constexprs(key) -> dict:
+    _, _, _, stride, has_bias, has_residual, split, output_stats, next_flags, dt, _, precision = key
+    update, from_nbt, inc = next_flags or (False, False, False)
+    return dict(STRIDE=stride, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, SPLIT_OUT=split > 0,
+                OUTPUT_STATS=output_stats, NEXT_FINISH=next_flags is not None, NEXT_UPDATE_RUNNING=update,
+                NEXT_MOMENTUM_FROM_NBT=from_nbt, NEXT_INCREMENT_NBT=inc, DOT_PRECISION=precision)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 
@@ -18,11 +17,12 @@ from ..batch_stats import _take_last_ticket
 from ..cards import card_of
 from ..configs import min_param
 from ..tickets import tickets
-from ..tuning import TunedKernel, cdiv
+from ..tuning import Plan, TunedKernel, cdiv, plan_cache
 from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _load_rows_cols, _mma, _sum_partials,
-                     check_addend, dot_precision, empty, out_size, tune_dtype)
+                     channels_last_buffer, channels_last_strides, check_addend, dot_precision, empty, fp32_buffer,
+                     out_size, tune_dtype)
 
-__all__ = ["REDUCE", "DGRAD", "reduce_rows", "reduce_splits", "dgrad"]
+__all__ = ["REDUCE", "DGRAD", "reduce_rows", "reduce_plan", "reduce_splits", "dgrad", "dgrad_plan"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,59 +263,102 @@ def _reduce_plan(M, K, N, card):
     return plan
 
 
-def reduce_rows(x, dy, dy2, weight2d, mean, rstd, gamma, beta, *, stride, w_dtype, need_w, need_sums, poison):
+def reduce_rows(x, dy, dy2, weight2d, mean, rstd, gamma, beta, *, stride, w_dtype, need_w, need_sums, poison,
+                plan=None):
     """Pass 1 in one launch: (dW [Cout, K] in w_dtype or None, [2, K] fp32 rows (dbeta; dgamma) or None).
-    weight2d is read only for the sums (None without them)."""
-    Nb, K, H, W = x.shape
+    weight2d is read only for the sums (None without them). plan: reduce_plan's, or None."""
+    if plan is None:
+        plan = reduce_plan(x, dy, dy2, stride=stride, w_dtype=w_dtype, need_w=need_w, need_sums=need_sums)
+    dw_shape, part_shape, part_sums_shape, n_tickets, part_rows, M, K, Cout, H, W, Ho, Wo, split, grid = plan.sizes
+    dev = x.device
+    dw = empty(dw_shape, w_dtype, dev, poison) if need_w else None
+    part = fp32_buffer(mean, poison, *part_shape) if part_shape is not None else None
+    if need_sums:  # mean is fp32: the template of the fp32 buffers
+        sums = fp32_buffer(mean, poison, 2, K)
+        part_sums = fp32_buffer(mean, poison, *part_sums_shape)
+    else:
+        sums = part_sums = None
+    args = (x, dy, dy if dy2 is None else dy2, dy if weight2d is None else weight2d, mean, rstd, gamma, beta,
+            mean if part is None else part, mean if dw is None else dw, mean if part_sums is None else part_sums,
+            mean if sums is None else sums, tickets(dev, n_tickets), part_rows, M, K, Cout, H, W, Ho, Wo, split)
+    REDUCE.run_planned(plan, grid, args, card=plan.key[9], device=dev, dtype=tune_dtype(x.dtype, dy.dtype))
+    return dw, sums
+
+
+def reduce_plan(x, dy, dy2, *, stride, w_dtype, need_w, need_sums) -> Plan:
+    """The launch plan of reduce_rows with these arguments' shapes, dtypes and flags."""
+    cdt = dy.dtype
+    key = (x.shape, x.dtype, dy.shape[1], None if dy2 is None else dy2.shape[1], stride, w_dtype, need_w, need_sums,
+           cdt, card_of(x.device), dot_precision(cdt))
+    plan = _REDUCE_PLANS.get(key)
+    if plan is None:
+        plan = _REDUCE_PLANS[key] = _reduce_launch_plan(key)
+    return plan
+
+
+_REDUCE_PLANS = plan_cache()  # reduce_rows's key -> Plan
+_DGRAD_PLANS = plan_cache()   # dgrad's key -> Plan
+
+
+def _reduce_launch_plan(key) -> Plan:
+    x_shape, _, c_a, c_b, stride, _, need_w, need_sums, _, card, precision = key
+    Nb, K, H, W = x_shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
-    split = dy.shape[1] if dy2 is not None else 0
-    Cout = dy.shape[1] + (dy2.shape[1] if dy2 is not None else 0)
+    split = c_a if c_b is not None else 0
+    Cout = c_a + (c_b or 0)
     M = Nb * Ho * Wo
-    dev, cdt = x.device, dy.dtype
-    card = card_of(dev)
     tiles_n, tiles_k, splits = _reduce_plan(M, K, Cout, card)
-    dw = empty((Cout, K), w_dtype, dev, poison) if need_w else None
-    part = empty((splits, Cout, K), torch.float32, dev, poison) if need_w and splits > 1 else None
     part_rows = splits * tiles_n
-    sums = empty((2, K), torch.float32, dev, poison) if need_sums else None
-    part_sums = empty((2, part_rows, K), torch.float32, dev, poison) if need_sums else None
 
     def grid(tile):
         return (cdiv(Cout, tile["BLOCK_N"]) * cdiv(K, tile["BLOCK_K"]),
                 reduce_splits(M, K, Cout, tile["BLOCK_N"], tile["BLOCK_K"], card, tile["BLOCK_M"]))
 
-    def given(t, dummy):
-        return t if t is not None else dummy
-
-    args = (x, dy, given(dy2, dy), given(weight2d, dy), mean, rstd, gamma, beta, given(part, mean), given(dw, mean),
-            given(part_sums, mean), given(sums, mean), tickets(dev, tiles_n * tiles_k + tiles_k), part_rows,
-            M, K, Cout, H, W, Ho, Wo, split)
-    REDUCE.run(grid, args, card=card, device=dev, dtype=tune_dtype(x.dtype, cdt), STRIDE=stride,
-               SPLIT_OUT=dy2 is not None, COMPUTE_DW=need_w, COMPUTE_SUMS=need_sums, DOT_PRECISION=dot_precision(cdt))
-    return dw, sums
+    sizes = ((Cout, K), (splits, Cout, K) if need_w and splits > 1 else None, (2, part_rows, K),
+             tiles_n * tiles_k + tiles_k, part_rows, M, K, Cout, H, W, Ho, Wo, split, grid)
+    return Plan(key, sizes, dict(STRIDE=stride, SPLIT_OUT=c_b is not None, COMPUTE_DW=need_w, COMPUTE_SUMS=need_sums,
+                            DOT_PRECISION=precision))
 
 
 def dgrad(x, dy, dy2, weight2d, mean, rstd, gamma, beta, sums, *, stride, batch_stats, add_grad=None,
-          accumulate_into=None, poison=False):
+          accumulate_into=None, poison=False, plan=None):
     """Pass 2 in one launch: dx [N, K, H, W] channels-last in x's dtype (sums: pass 1's [2, K], read with
-    batch statistics). accumulate_into / add_grad: as bn_relu_conv1x1_bwd_dx's."""
-    Nb, K, H, W = x.shape
+    batch statistics). accumulate_into / add_grad: as bn_relu_conv1x1_bwd_dx's. plan: dgrad_plan's, or None
+    (with a plan the addend is taken as checked)."""
+    if plan is None:
+        addend = check_addend("bn_relu_conv1x1_bwd", x, add_grad, accumulate_into)
+        plan = dgrad_plan(x, dy, dy2, weight2d, stride=stride, batch_stats=batch_stats, accumulate=addend is not None)
+    else:
+        addend = accumulate_into if accumulate_into is not None else add_grad
+    dev = x.device
+    out = accumulate_into if accumulate_into is not None else channels_last_buffer(x, plan.key[0], plan.sizes[-2],
+                                                                                 x.dtype, poison)
+    args = (dy, dy2 if dy2 is not None else dy, weight2d, x, mean, rstd, gamma, beta,
+            sums if sums is not None else mean, addend if addend is not None else out, out, *plan.sizes[:-2])
+    DGRAD.run_planned(plan, plan.sizes[-1], args, card=plan.key[8], device=dev, dtype=tune_dtype(x.dtype, dy.dtype))
+    return out
+
+
+def dgrad_plan(x, dy, dy2, weight2d, *, stride, batch_stats, accumulate) -> Plan:
+    """The launch plan of dgrad with these arguments' shapes, dtypes and flags (accumulate: an addend given)."""
+    cdt = dy.dtype
+    key = (x.shape, x.dtype, weight2d.shape[0], dy2 is not None and dy.shape[1], stride, batch_stats, accumulate,
+           cdt, card_of(x.device), dot_precision(cdt))
+    plan = _DGRAD_PLANS.get(key)
+    if plan is None:
+        plan = _DGRAD_PLANS[key] = _dgrad_launch_plan(key)
+    return plan
+
+
+def _dgrad_launch_plan(key) -> Plan:
+    x_shape, _, Cout, split, stride, batch_stats, accumulate, _, _, precision = key
+    Nb, K, H, W = x_shape
     Ho, Wo = out_size(H, stride), out_size(W, stride)
-    split = dy.shape[1] if dy2 is not None else 0
-    Cout = weight2d.shape[0]
-    M, M_in = Nb * Ho * Wo, Nb * H * W
-    dev, cdt = x.device, dy.dtype
-    addend = check_addend("bn_relu_conv1x1_bwd", x, add_grad, accumulate_into)
-    out = accumulate_into if accumulate_into is not None else empty(tuple(x.shape), x.dtype, dev, poison,
-                                                                    channels_last=True)
+    M = Nb * Ho * Wo
 
     def grid(tile):
         return (cdiv(M, tile["BLOCK_M"]) * cdiv(K, tile["BLOCK_K"]),)
 
-    args = (dy, dy2 if dy2 is not None else dy, weight2d, x, mean, rstd, gamma, beta,
-            sums if sums is not None else mean, addend if addend is not None else out, out,
-            M, K, Cout, H, W, Ho, Wo, split, 1.0 / M_in)
-    DGRAD.run(grid, args, card=card_of(dev), device=dev, dtype=tune_dtype(x.dtype, cdt), STRIDE=stride,
-              SPLIT_OUT=dy2 is not None, BATCH_STATS=batch_stats, ACCUMULATE=addend is not None,
-              DOT_PRECISION=dot_precision(cdt))
-    return out
+    return Plan(key, (M, K, Cout, H, W, Ho, Wo, split or 0, 1.0 / (Nb * H * W), channels_last_strides(*x_shape), grid),
+                dict(STRIDE=stride, SPLIT_OUT=split is not False, BATCH_STATS=batch_stats, ACCUMULATE=accumulate,
+                     DOT_PRECISION=precision))
