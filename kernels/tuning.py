@@ -164,14 +164,14 @@ class TunedKernel:
         return plan[0]
 
     def run_planned(self, plan: Plan, grid, args, *, card: Card, device, dtype):
-        """run() for a launcher's Plan (its kwargs the constexprs, until the first launch on real tensors
-        adds the tile's and sets its grid from grid(tile))."""
+        """run() for a launcher's Plan (its kwargs the constexprs): the plan's first launch on real tensors
+        goes through run() (the tile chosen, or tuned, as any launch's) and keeps the tile's grid and
+        keywords in the plan; later launches take them from it."""
         if plan.grid is None:
-            tile = self._choose(card, self._key(args), dtype, grid, args, device, plan.kwargs)
-            kwargs = {**plan.kwargs, **tile.kwargs}
-            if not _runnable(args):  # a fake run (the cost model) does not settle the launch
-                return launch(self.kernel, grid(tile), args, device, **kwargs)
-            plan.grid, plan.kwargs = grid(tile), kwargs
+            tile = self.run(grid, args, card=card, device=device, dtype=dtype, **plan.kwargs)
+            if _runnable(args):  # a fake run (the cost model) does not settle the launch
+                plan.grid, plan.kwargs = grid(tile), {**plan.kwargs, **tile.kwargs}
+            return tile
         return launch_planned(self.kernel, plan, args, device)
 
     def candidates(self, card: Card, values, dtype):

@@ -264,6 +264,7 @@ class Recorder:
             raise RuntimeError("tests/kernels/_triton_aot.py: a kernel launch was timed while recording (nothing runs here)")
 
         JITFunction.run, tuning.TunedKernel.run, tuning.benchmark = jit_run, tuned_run, no_benchmark
+        tuning._forget_plans()  # a kept launch plan would skip TunedKernel.run, and with it the recording
 
     def uninstall(self):
         if self._saved:
