@@ -30,7 +30,7 @@ import triton.language as tl
 from .cards import card_of
 from .configs import tiles
 from .tickets import tickets
-from .tuning import Plan, cdiv, launch, launch_planned, plan_cache
+from .tuning import Plan, cdiv, fp32_buffer, fp32_empty, launch, launch_planned, plan_cache
 
 
 @triton.jit
@@ -207,26 +207,17 @@ def _bn_finalize_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _alloc(shape, device, poison):
-    if poison:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
-
-def _alloc_like(ref, size, poison):
-    """An fp32 [size] buffer on the device of fp32 `ref` (new_empty with an int size: the cheapest allocation)."""
-    if poison:
-        return torch.full((size,), float("nan"), dtype=torch.float32, device=ref.device)
-    return ref.new_empty(size)
+def running_flags(running_mean, num_batches_tracked, momentum, increment_nbt):
+    """(UPDATE_RUNNING, MOMENTUM_FROM_NBT, INCREMENT_NBT) of a BatchNorm's finish: no update without running
+    statistics, or with momentum None and no counter (what F.batch_norm does with momentum 0); momentum
+    None takes it from the counter; the counter is incremented when asked and present."""
+    update = running_mean is not None and (momentum is not None or num_batches_tracked is not None)
+    return update, update and momentum is None, bool(increment_nbt) and num_batches_tracked is not None
 
 
 def _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, dummy):
-    """Kernel arguments of the running-statistics update (no update when running_mean is None, or when
-    momentum is None without a counter: what F.batch_norm does with momentum 0) and of the counter's
-    increment (increment_nbt: num_batches_tracked, when given, is incremented by the kernel)."""
-    update = running_mean is not None and (momentum is not None or num_batches_tracked is not None)
-    from_nbt = update and momentum is None
-    inc = bool(increment_nbt) and num_batches_tracked is not None
+    """Kernel arguments of the running-statistics update and of the counter's increment (running_flags)."""
+    update, from_nbt, inc = running_flags(running_mean, num_batches_tracked, momentum, increment_nbt)
     return dict(
         ptrs=(running_mean if update else dummy, running_var if update else dummy,
               num_batches_tracked if (from_nbt or inc) else dummy),
@@ -241,7 +232,7 @@ def bn_finish(mean, var, eps, count, poison=False, *, running_mean=None, running
     in the same launch with increment_nbt=True)."""
     C = mean.shape[0]
     dev = mean.device
-    rstd = _alloc((C,), dev, poison)
+    rstd = fp32_empty((C,), dev, poison)
     run = _running_args(running_mean, running_var, num_batches_tracked, momentum, increment_nbt, rstd)
     block_c = tiles("batch_stats", card_of(dev))["MERGE_BLOCK_C"]
     launch(_bn_finalize_kernel, (cdiv(C, block_c),),
@@ -264,9 +255,9 @@ def batch_stats(x2d, poison=False, plan=None, **bn):
     M, C, stride_m, write_rstd, update, from_nbt, inc, _ = plan.key
     part_shape, n_tickets, unbias = plan.sizes
     dev = x2d.device
-    part = _alloc(part_shape, dev, poison)  # one allocation: the kernel finds the M2 half
-    mean, var = _alloc_like(part, C, poison), _alloc_like(part, C, poison)
-    rstd = _alloc_like(part, C, poison) if write_rstd else mean
+    part = fp32_empty(part_shape, dev, poison)  # one allocation: the kernel finds the M2 half
+    mean, var = fp32_buffer(part, poison, C), fp32_buffer(part, poison, C)
+    rstd = fp32_buffer(part, poison, C) if write_rstd else mean
     ptrs = (bn["running_mean"] if update else mean, bn["running_var"] if update else mean,
             bn["num_batches_tracked"] if (from_nbt or inc) else mean)
     momentum = bn.get("momentum", 0.1)
@@ -291,10 +282,8 @@ def batch_stats_plan(x2d, **bn) -> Plan:
                              "channels-last contiguous first")
     if M == 0:
         raise ValueError("batch_stats: no rows (empty batch); statistics need at least one value")
-    rm, nbt, momentum = bn.get("running_mean"), bn.get("num_batches_tracked"), bn.get("momentum", 0.1)
-    update = rm is not None and (momentum is not None or nbt is not None)
-    from_nbt = update and momentum is None
-    inc = bool(bn.get("increment_nbt", False)) and nbt is not None
+    update, from_nbt, inc = running_flags(bn.get("running_mean"), bn.get("num_batches_tracked"),
+                                          bn.get("momentum", 0.1), bn.get("increment_nbt", False))
     key = (M, C, stride_m, bn.get("eps") is not None, update, from_nbt, inc, card_of(x2d.device))
     plan = _PLANS.get(key)
     if plan is None:

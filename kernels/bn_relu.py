@@ -34,7 +34,7 @@ from .batch_stats import _take_last_ticket
 from .cards import card_of
 from .configs import tiles
 from .tickets import tickets
-from .tuning import Plan, cdiv, launch_planned, plan_cache
+from .tuning import Plan, cdiv, fp32_buffer, fp32_empty, launch_planned, plan_cache
 
 # Tiles (kernels/configs.py, "bn_relu"): the interpreter runs each program (and each loop iteration) in
 # Python on numpy blocks, so a few large tiles beat many small ones there; on a GPU a [64 rows x 64
@@ -194,8 +194,8 @@ def bn_relu_bwd_reduce(da2d, x2d, gamma, beta, mean, rstd, poison=False, plan=No
         plan = bn_relu_plan(x2d, "reduce", da2d)
     M, C, part_shape, num_row_tiles, n_tickets = plan.sizes
     dev = x2d.device
-    part = _alloc(part_shape, dev, poison)
-    sums = torch.full((3, C), float("nan"), dtype=torch.float32, device=dev) if poison else part.new_empty(3, C)
+    part = fp32_empty(part_shape, dev, poison)
+    sums = fp32_buffer(part, poison, 3, C)
     launch_planned(_bn_relu_bwd_reduce_kernel, plan,
                    (da2d, x2d, gamma, beta, mean, rstd, part, sums, tickets(dev, n_tickets), M, C, num_row_tiles), dev)
     return sums
@@ -242,9 +242,3 @@ def bn_relu_plan(x2d, which, da2d=None) -> Plan:
             kwargs["BATCH_STATS"] = which == "dx_batch"
         plan = _PLANS[key] = Plan(key, sizes, kwargs, grid=grid if M > 0 or which == "reduce" else None)
     return plan
-
-
-def _alloc(shape, device, poison):
-    if poison:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)

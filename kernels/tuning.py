@@ -36,8 +36,8 @@ import torch
 from . import configs
 from .cards import Card
 
-__all__ = ["cdiv", "launch", "launch_planned", "Plan", "plan_cache", "TunedKernel", "table", "pin", "clear", "save", "read", "load",
-           "coordinate", "benchmark"]
+__all__ = ["cdiv", "launch", "launch_planned", "Plan", "plan_cache", "fp32_empty", "fp32_buffer", "TunedKernel",
+           "table", "pin", "clear", "save", "read", "load", "coordinate", "benchmark"]
 
 FORMAT = 1
 _TABLE: dict[str, dict[str, dict[str, str]]] = {}  # card -> kernel -> key -> config name
@@ -98,6 +98,23 @@ def launch_planned(kernel, plan: Plan, args, device: torch.device):
         return kernel[plan.grid](*args, **plan.kwargs)
     with guard:
         return kernel[plan.grid](*args, **plan.kwargs)
+
+
+# A launch's fp32 buffers (partials, statistics). Tensor.new_empty with int sizes inherits dtype and device
+# from a template and costs the host about half of torch.empty with keywords; a step makes over a
+# thousand allocations. With poison (tests) every buffer starts as NaN, so an element no program writes shows.
+def fp32_empty(shape, device, poison):
+    """An fp32 buffer of `shape` on `device`."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def fp32_buffer(ref, poison, *shape):
+    """An fp32 buffer of `shape` on the device of `ref` (an fp32 ref takes the fast path)."""
+    if poison or ref.dtype != torch.float32:
+        return fp32_empty(shape, ref.device, poison)
+    return ref.new_empty(*shape)
 
 
 def _quick() -> bool:

@@ -36,5 +36,5 @@ from .backward import (backward_passes, bn_relu_conv1x1_bwd, bn_relu_conv1x1_bwd
 from .common import out_size  # noqa: F401
 from .forward import bn_relu_conv1x1_fwd, fwd_plan  # noqa: F401
 
-__all__ = ["bn_relu_conv1x1_fwd", "fwd_plan", "bn_relu_conv1x1_bwd", "bwd_plan", "backward_passes", "bn_relu_conv1x1_bwd_dw",
-           "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_bwd_dx", "out_size"]
+__all__ = ["bn_relu_conv1x1_fwd", "fwd_plan", "bn_relu_conv1x1_bwd", "bwd_plan", "backward_passes",
+           "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_bwd_dx", "out_size"]

@@ -60,8 +60,8 @@ from .common import check_addend, dot_precision, out_size
 from .three_pass import bn_relu_conv1x1_bwd_dw, bn_relu_conv1x1_bwd_dx, bn_relu_conv1x1_bwd_dz
 from .two_pass import dgrad, dgrad_plan, reduce_plan, reduce_rows
 
-__all__ = ["bn_relu_conv1x1_bwd", "bwd_plan", "backward_passes", "RIDGE", "bn_relu_conv1x1_bwd_dw", "bn_relu_conv1x1_bwd_dz",
-           "bn_relu_conv1x1_bwd_dx"]
+__all__ = ["bn_relu_conv1x1_bwd", "bwd_plan", "backward_passes", "RIDGE", "bn_relu_conv1x1_bwd_dw",
+           "bn_relu_conv1x1_bwd_dz", "bn_relu_conv1x1_bwd_dx"]
 
 # Dense 16-bit tensor-core FLOP/s (fp32 accumulation) over ~90% of the DRAM datasheet bandwidth, FLOP per
 # byte, by architecture: A100 312 T / 1.84 TB/s; L40S, L4, RTX 6000 Ada ~440 (an RTX 4090 ~180); H100 the
@@ -194,7 +194,8 @@ def bwd_plan(x, dy, weight2d, *, stride=1, dy2=None, batch_stats=True, need_x=Tr
         return 3, None, None
     red = reduce_plan(x, dy, dy2, stride=stride, w_dtype=w_dtype, need_w=need_w,
                       need_sums=need_sums) if need_w or need_sums else None
-    dg = dgrad_plan(x, dy, dy2, weight2d, stride=stride, batch_stats=batch_stats, accumulate=accumulate) if need_x else None
+    dg = (dgrad_plan(x, dy, dy2, weight2d, stride=stride, batch_stats=batch_stats, accumulate=accumulate)
+          if need_x else None)
     return 2, red, dg
 
 

@@ -117,18 +117,8 @@ def empty(shape, dtype, device, poison, channels_last=False):
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
-# The warm launch path allocates through these two: Tensor.new_empty with int sizes (or new_empty_strided)
-# inherits dtype and device from a template and costs the host about half of torch.empty with keywords,
-# and a step makes over a thousand allocations.
-def fp32_buffer(ref, poison, *shape):
-    """An fp32 buffer of `shape` on the device of `ref` (fp32 for the fast path); NaN-filled with poison."""
-    if poison:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=ref.device)
-    if ref.dtype != torch.float32:
-        return torch.empty(shape, dtype=torch.float32, device=ref.device)
-    return ref.new_empty(*shape)
-
-
+# Warm launches allocate their channels-last outputs here: new_empty_strided from a tensor of the dtype
+# costs the host about half of torch.empty with keywords (the fp32 buffers: tuning.fp32_buffer).
 def channels_last_buffer(like, shape, strides, dtype, poison):
     """A channels-last [N, C, H, W] buffer (strides given) of `dtype` on like's device; NaN-filled with
     poison. `like` lends its dtype when it has this one."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..batch_stats import _bn_finish, _count_batch, _merge_chunks, _take_last_ticket, _tile_mean_m2
+from ..batch_stats import (_bn_finish, _count_batch, _merge_chunks, _take_last_ticket, _tile_mean_m2,
+                           running_flags)
 from ..cards import card_of
 from ..configs import min_param
 from ..tickets import tickets
-from ..tuning import Plan, TunedKernel, cdiv, plan_cache
+from ..tuning import Plan, TunedKernel, cdiv, fp32_buffer, plan_cache
 from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _mma, channels_last_buffer,
-                     channels_last_strides, dot_precision, fp32_buffer, out_size, tune_dtype)
+                     channels_last_strides, dot_precision, out_size, tune_dtype)
 
 __all__ = ["bn_relu_conv1x1_fwd", "fwd_plan"]
 
@@ -193,12 +194,8 @@ def fwd_plan(x, weight2d, *, stride=1, bias=None, residual=None, split=0, output
     """The launch plan of bn_relu_conv1x1_fwd with these arguments (tensors for their shapes and dtypes,
     next_bn for its flags: which running statistics it has, momentum None or not)."""
     dt = x.dtype if out_dtype is None else out_dtype
-    if next_bn is not None:
-        rm, nbt, momentum = next_bn.get("running_mean"), next_bn.get("num_batches_tracked"), next_bn.get("momentum", 0.1)
-        update = rm is not None and (momentum is not None or nbt is not None)
-        next_flags = (update, update and momentum is None, nbt is not None)
-    else:
-        next_flags = None
+    next_flags = None if next_bn is None else running_flags(
+        next_bn.get("running_mean"), next_bn.get("num_batches_tracked"), next_bn.get("momentum", 0.1), True)
     key = (x.shape, x.dtype, weight2d.shape[0], stride, bias is not None, residual is not None, split, output_stats,
            next_flags, dt, card_of(x.device), dot_precision(dt))
     plan = _PLANS.get(key)

@@ -17,9 +17,9 @@ from ..batch_stats import _take_last_ticket
 from ..cards import card_of
 from ..configs import min_param
 from ..tickets import tickets
-from ..tuning import Plan, TunedKernel, cdiv, plan_cache
+from ..tuning import Plan, TunedKernel, cdiv, fp32_buffer, plan_cache
 from .common import (_bn_apply, _bn_coeffs, _grouped_tile, _input_rows, _load_rows_cols, _mma, _sum_partials,
-                     channels_last_buffer, channels_last_strides, check_addend, dot_precision, empty, fp32_buffer,
+                     channels_last_buffer, channels_last_strides, check_addend, dot_precision, empty,
                      out_size, tune_dtype)
 
 __all__ = ["REDUCE", "DGRAD", "reduce_rows", "reduce_plan", "reduce_splits", "dgrad", "dgrad_plan"]
