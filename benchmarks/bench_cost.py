@@ -35,16 +35,17 @@ CASES = {
 _COUNTS: dict = {}
 
 
-def step_cost(arch, kernels):
-    """The StepCost of one bf16 training step of `arch` (cached for the session)."""
+def step_cost(arch, kernels, batch=None):
+    """The StepCost of one bf16 training step of `arch` at its CASES batch or `batch` (cached)."""
     import torch
 
     from fastpreact import cost as sc
-    if (arch, kernels) not in _COUNTS:
-        cfg = CASES[arch]
-        _COUNTS[arch, kernels] = sc.count_model(arch, cfg["num_classes"], kernels=kernels, batch=cfg["batch"],
-                                                image=cfg["image"], amp_dtype=torch.bfloat16)
-    return _COUNTS[arch, kernels]
+    cfg = CASES[arch]
+    batch = batch or cfg["batch"]
+    if (arch, kernels, batch) not in _COUNTS:
+        _COUNTS[arch, kernels, batch] = sc.count_model(arch, cfg["num_classes"], kernels=kernels, batch=batch,
+                                                       image=cfg["image"], amp_dtype=torch.bfloat16)
+    return _COUNTS[arch, kernels, batch]
 
 
 def class_rows(arch, kernels):
@@ -180,7 +181,31 @@ def summary_lines():
     return "\n".join(lines)
 
 
+# The trainer's ways of running a step, per GPU: (net, GPUs, batch a GPU). ResNet-200 on 8 GPUs takes the
+# paper's global batch of 256, 32 images a GPU.
+RUNS = (("resnet164", 1, 128), ("resnet1001", 1, 128), ("resnet200", 1, 64), ("resnet200", 8, 32))
+
+
+def modes_lines():
+    """Per run of RUNS, the fused step's predicted H100 ms in each way the trainer can run it (a MODEL):
+    eager, max(GPU, host); --compile, whose host time is at least the fused launches' share (inductor
+    takes over the aten ops, and the fused ops stay Python operators); a CUDA graph, the GPU time alone."""
+    from fastpreact import cost as sc
+    lines = ["| run (fused, bf16, H100) | batch a GPU | GPU ms | host ms, eager | eager step ms | --compile step ms "
+             "| CUDA graph step ms |", "|---|---|---|---|---|---|---|"]
+    for arch, gpus, batch in RUNS:
+        cost = step_cost(arch, "fused", batch)
+        eager, compiled = sc.predict(cost, "h100"), sc.predict(cost, "h100", host_us={"aten": 0.0})
+        graph = f"{eager['gpu_total_ms']:.3g}" + (" + the all-reduce's unhidden part" if gpus > 1 else "")
+        where = "1 GPU" if gpus == 1 else f"{gpus} GPUs, DDP"
+        lines.append(f"| {arch}, {where} | {batch} | {eager['gpu_total_ms']:.3g} | {eager['host_ms']:.3g} | "
+                     f"{eager['step_ms']:.3g} ({eager['bound']}-bound) | >= {compiled['step_ms']:.3g} | {graph} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(readme_table())
     print()
     print(summary_lines())
+    print()
+    print(modes_lines())

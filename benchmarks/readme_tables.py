@@ -8,6 +8,7 @@ Blocks, each between <!-- table:NAME:start --> and <!-- table:NAME:end -->:
   saved-bytes     activation bytes saved for backward per image, fused / stock (fastpreact.cost.memory)
   cost-resnet200  one ResNet-200 training step per op class: launches, bytes, FLOPs, predicted H100 ms
   cost-nets       the same totals for ResNet-50, -164, -200 and -1001, and fused / stock
+  cost-modes      the fused step per way of running it (eager, --compile, CUDA graph), one GPU and DDP
 A minute or so on a CPU: everything runs on fake tensors.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def saved_bytes_table():
 
 
 BLOCKS = {"saved-bytes": saved_bytes_table, "cost-resnet200": bench_cost.readme_table,
-          "cost-nets": bench_cost.summary_lines}
+          "cost-nets": bench_cost.summary_lines, "cost-modes": bench_cost.modes_lines}
 
 
 def _markers(name):

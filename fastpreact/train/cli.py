@@ -4,9 +4,10 @@
     python -m fastpreact.train shapes10 --arch resnet8 --iters 300 --eval-every 100
     # CIFAR-10, ResNet-164, the paper's recipe (batch 128, 64k iterations) on one GPU
     python -m fastpreact.train cifar10 --data-dir data --arch resnet164
-    # ResNet-1001 at the paper's best batch of 64, the whole training step in a CUDA graph
-    python -m fastpreact.train cifar10 --data-dir data --arch resnet1001 --batch-size 64 --cuda-graphs
-    # ImageNet, ResNet-200 on 8 local GPUs (global batch 256 = 32 per GPU)
+    # ResNet-1001 at the paper's best batch of 64 (on one GPU the whole step replays from a CUDA graph)
+    python -m fastpreact.train cifar10 --data-dir data --arch resnet1001 --batch-size 64
+    # ImageNet, ResNet-200 on 8 local GPUs (global batch 256 = 32 per GPU); --cuda-graphs captures the
+    # DDP step, all-reduce included
     python -m fastpreact.train imagenet --data-dir /data/imagenet --gpus 8 --out runs/r200
     # several nodes: the same command on every node (c10d rendezvous); elastic restarts resume
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\

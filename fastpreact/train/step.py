@@ -17,12 +17,24 @@ finite check, fused SGD and the scale update. What makes it capturable:
   non-finite step is skipped inside the graph, the scaler's state stays in its own tensors and the
   checkpoint reads it as in an eager run;
 - each batch is copied into static input tensors (StaticBatch), so the batch shape is fixed.
+Under DDP the graph holds the gradients' all-reduce too (NCCL collectives can be captured), following
+torch's rules for whole-network capture: the DDP wrapper is built on the stream that later warms up and
+captures the step (worker.build_run), and at least 11 DDP steps run eagerly before the capture (DDP
+rebuilds its buckets after its first steps). Every rank captures at the same step and replays together:
+a replay is a collective. torch's NCCL watchdog queues no captured work, so asynchronous error handling
+stays on.
 The eager step and the captured one call the same function (whole_step); GraphedStep(run, model,
 capture=False) runs it on the same static buffers without a graph, which is how the CPU tests check it.
 """
 import torch
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capturing the CUDA graph (lazy init, autotuning, cudnn)
+DDP_GRAPH_WARMUP_STEPS = 11  # under DDP: torch's minimum of eager DDP steps before a whole-network capture
+
+
+def graph_warmup_steps(world_size):
+    """Eager steps before the capture: DDP_GRAPH_WARMUP_STEPS under DDP, GRAPH_WARMUP_STEPS on one GPU."""
+    return DDP_GRAPH_WARMUP_STEPS if world_size > 1 else GRAPH_WARMUP_STEPS
 
 
 def make_train_step(run):
@@ -34,11 +46,14 @@ def make_train_step(run):
     model = torch.compile(run.train_model) if cfg.compile else run.train_model
     if cfg.cuda_graphs:
         scaling = "dynamic fp16 loss scale" if cfg.amp == "fp16" else "finite check"
-        why = "" if "cuda_graphs" in run.opts else (" (the default for a 32x32 net on one GPU, whose eager step "
-                                                     "the host bounds; --no-cuda-graphs runs it eagerly)")
-        run.say(f"CUDA graph{why}: after {GRAPH_WARMUP_STEPS} eager steps one graph replays the whole step "
-                f"(forward, backward, {scaling}, fused SGD with the lr in a device tensor); every training batch "
-                f"must hold {cfg.batch_size} images")
+        why = "" if "cuda_graphs" in run.opts else (" (the default on one GPU, whose eager step the host "
+                                                     "bounds; --no-cuda-graphs runs it eagerly)")
+        reduce = ", the gradients' all-reduce" if run.distributed else ""
+        short = ("a short one (undecodable images dropped) is padded with its own images, so that every rank "
+                 "replays" if run.distributed else "a short one is skipped")
+        run.say(f"CUDA graph{why}: after {graph_warmup_steps(run.world_size)} eager steps one graph replays "
+                f"the whole step (forward, backward{reduce}, {scaling}, fused SGD with the lr in a device "
+                f"tensor); training batches hold {cfg.batch_size // run.world_size} images a worker, {short}")
         return GraphedStep(run, model)
     step = whole_step(run, model)
 
@@ -121,7 +136,7 @@ class StaticBatch:
 
 
 class GraphedStep:
-    """The whole training step (whole_step) run eagerly for GRAPH_WARMUP_STEPS steps, then captured once
+    """The whole training step (whole_step) run eagerly for graph_warmup_steps() steps, then captured once
     in a CUDA graph and replayed on the static copy of each batch; the lr schedule steps after each.
     The capture allocates the gradients and every replay writes into them: they are never freed after it.
     capture=False runs the same step function on the same static buffers eagerly, every step (the way
@@ -132,8 +147,13 @@ class GraphedStep:
         self.step_fn = whole_step(run, model)
         self.lr = bind_lr_tensor(run.optimizer, run.device)
         self.batch_size = run.cfg.batch_size // run.world_size
+        self.warmup_steps = graph_warmup_steps(run.world_size)
         self.batch = StaticBatch()
         self.eager_steps, self.graph, self.static_loss = 0, None, None
+        # One side stream warms up and captures (and, under DDP, built the wrapper: run.graph_stream).
+        self.stream = None
+        if capture:
+            self.stream = getattr(run, "graph_stream", None) or torch.cuda.Stream(run.device)
 
     @property
     def captured(self):
@@ -145,7 +165,7 @@ class GraphedStep:
 
     def __call__(self, images, labels):
         images, labels = self.batch.fill(images, labels)
-        if not self.capture or self.eager_steps < GRAPH_WARMUP_STEPS:
+        if not self.capture or self.eager_steps < self.warmup_steps:
             self.eager_steps += 1
             loss = self._eager(images, labels)
             self.run.optimizer.zero_grad(set_to_none=True)
@@ -161,15 +181,14 @@ class GraphedStep:
         if not self.capture:
             return self.step_fn(images, labels)
         # The warm-up before a capture runs on a side stream, as torch.cuda.graphs asks.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             loss = self.step_fn(images, labels)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return loss
 
     def _capture(self, images, labels):
         self.run.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):
             self.static_loss = self.step_fn(images, labels)

@@ -59,6 +59,7 @@ class RunState:
     t_start: float = 0.0              # perf_counter when this process began training
     last_checkpoint: Optional[Path] = None  # the newest checkpoint this process wrote (None: skipped)
     last_checkpoint_step: int = -1
+    graph_stream: Any = None          # --cuda-graphs on CUDA: the side stream that warms up and captures
 
     @property
     def distributed(self):
@@ -122,10 +123,15 @@ def build_run(opts, cfg, device, rank, world_size, out, say):
     model = create_run_model(cfg, data.num_classes, device)
     if cfg.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_model = model
+    train_model, graph_stream = model, None
+    if cfg.cuda_graphs and device.type == "cuda":
+        graph_stream = torch.cuda.Stream(device)  # warms up and captures the step (step.GraphedStep)
     if world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A captured DDP step needs its wrapper built on the capturing stream (torch's rule for capturing
+        # the all-reduce: the reducer keeps the gradient accumulators it finds here).
+        with stream_context(graph_stream):
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg, device)
     schedule = plan.lr_schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, **schedule) / cfg.lr)
@@ -133,7 +139,21 @@ def build_run(opts, cfg, device, rank, world_size, out, say):
                     say=say, data=data, model=model, train_model=train_model, optimizer=optimizer,
                     scheduler=scheduler, scaler=make_scaler(cfg, device),
                     criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                    autocast=autocast_for(cfg, device))
+                    autocast=autocast_for(cfg, device), graph_stream=graph_stream)
+
+
+@contextlib.contextmanager
+def stream_context(stream):
+    """Run the block on `stream` (a CUDA side stream, ordered after the current stream's work and before
+    what follows it), or as it is when `stream` is None."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
 
 
 def build_optimizer(model, cfg, device):
@@ -227,8 +247,10 @@ def train_loop(run):
     with StopSignals() as stop, Progress(run) as progress:
         while run.step < plan.total_iters and stop_reason is None:
             for images, labels in run.data.train:
-                if not fits_captured_step(run, train_step, images, labels):
+                batch = batch_for_captured_step(run, train_step, images, labels)
+                if batch is None:
                     continue
+                images, labels = batch
                 with coordinated_tuning(run):
                     loss = train_step(images, labels)
                 run.step += 1
@@ -256,17 +278,39 @@ def train_loop(run):
     return stop_reason, stop.signum
 
 
-def fits_captured_step(run, train_step, images, labels):
-    """--cuda-graphs replays a step captured for one batch shape: a training batch of another (the
-    ImageNet loader drops an undecodable file from its batch) is skipped, with one line saying so. The
-    loader moves past it and the step count does not, so the run still takes plan.total_iters steps."""
+def batch_for_captured_step(run, train_step, images, labels):
+    """The batch the step takes, or None to skip it. --cuda-graphs replays a step captured for one batch
+    shape, and the ImageNet loader drops an undecodable file from its batch. On one GPU such a short batch
+    is skipped, with one line saying so: the loader moves past it and the step count does not, so the run
+    still takes plan.total_iters steps. Under DDP every rank must replay together (a replay holds the
+    all-reduce): a short batch is filled up with its own first images instead, with one line."""
     fits = getattr(train_step, "fits", None)
     if fits is None or fits(images, labels):
-        return True
-    run.say(f"warning: step {run.step}: skipped a training batch of {images.shape[0]} images: the CUDA graph "
-            f"(--cuda-graphs) replays a step captured for batches of exactly {train_step.batch_size} (the "
+        return images, labels
+    have, want = images.shape[0], train_step.batch_size
+    padded = None
+    if run.distributed and 0 < have < want:
+        padded = pad_batch(images, labels, want)
+        if not train_step.fits(*padded):
+            padded = None
+    if padded is not None:
+        run.say(f"warning: step {run.step}: rank {run.rank}: a training batch of {have} images padded to {want} "
+                f"by repeating its first images: under DDP the CUDA graph (--cuda-graphs) replays on every rank "
+                f"together (the loader dropped undecodable images from this one)")
+        return padded
+    if run.distributed:  # a skip on one rank would leave the others waiting in the replay's all-reduce
+        raise RuntimeError(f"step {run.step}: rank {run.rank}: a training batch of shape {tuple(images.shape)} does "
+                           f"not fit the captured step ({want} images); rerun with --no-cuda-graphs")
+    run.say(f"warning: step {run.step}: skipped a training batch of {have} images: the CUDA graph "
+            f"(--cuda-graphs) replays a step captured for batches of exactly {want} (the "
             f"loader dropped undecodable images from this one)")
-    return False
+    return None
+
+
+def pad_batch(images, labels, size):
+    """images, labels grown to `size` samples by repeating the batch's own samples from its first."""
+    index = torch.arange(size, device=images.device) % images.shape[0]
+    return images.index_select(0, index), labels.index_select(0, index)
 
 
 class StopSignals:

@@ -8,6 +8,8 @@ skip of a non-finite step included.
 """
 import io
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,14 @@ import torch
 
 from fastpreact.train import worker
 from fastpreact.train.options import lr_at, resolve_config
-from fastpreact.train.step import GRAPH_WARMUP_STEPS, GraphedStep, StaticBatch, bind_lr_tensor, make_train_step
+from fastpreact.train import step as train_step_module
+from fastpreact.train.step import (DDP_GRAPH_WARMUP_STEPS, GRAPH_WARMUP_STEPS, GraphedStep, StaticBatch,
+                                   bind_lr_tensor, graph_warmup_steps, make_train_step)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from test_data_imagenet import _make_tree
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # so that this file runs alone too
+from test_data_imagenet import _make_tree  # noqa: E402
 
 STEPS = 8  # with --iters 8 --warmup-iters 2: lr/10 for 2 steps, /10 at 4 and 6 (32k and 48k of 64k)
 
@@ -157,6 +162,60 @@ def test_imagenet_batch_short_of_an_undecodable_image_is_skipped(tmp_path, monke
     assert run.data.train.epoch == 1
 
 
+class _Said(list):
+    def __call__(self, msg):
+        self.append(msg)
+
+
+def _captured_step_of(batch_size):
+    static = StaticBatch()
+    static.fill(torch.zeros(batch_size, 3, 8, 8), torch.zeros(batch_size, dtype=torch.long))
+    return types.SimpleNamespace(batch_size=batch_size,
+                                 fits=lambda x, y: x.shape[0] == batch_size and static.fits(x, y))
+
+
+def _run_of(world_size):
+    return types.SimpleNamespace(distributed=world_size > 1, rank=world_size - 1, step=7, say=_Said())
+
+
+def test_a_short_batch_is_skipped_on_one_gpu():
+    run, step = _run_of(1), _captured_step_of(4)
+    images, labels = torch.randn(4, 3, 8, 8), torch.arange(4)
+    taken = worker.batch_for_captured_step(run, step, images, labels)
+    assert taken[0] is images and taken[1] is labels
+    assert worker.batch_for_captured_step(run, step, images[:3], labels[:3]) is None
+    assert len(run.say) == 1 and "skipped a training batch of 3 images" in run.say[0] and "exactly 4" in run.say[0]
+
+
+def test_a_short_batch_is_padded_with_its_own_images_under_ddp():
+    """Every rank replays the captured step together (it holds the all-reduce): a rank whose batch came
+    short fills it up with its own first images instead of skipping the step."""
+    run, step = _run_of(2), _captured_step_of(4)
+    images, labels = torch.randn(3, 3, 8, 8), torch.tensor([5, 6, 7])
+    padded_images, padded_labels = worker.batch_for_captured_step(run, step, images, labels)
+    assert padded_labels.tolist() == [5, 6, 7, 5]
+    assert torch.equal(padded_images[:3], images) and torch.equal(padded_images[3], images[0])
+    assert len(run.say) == 1 and "rank 1" in run.say[0] and "3 images padded to 4" in run.say[0]
+    assert "\n" not in run.say[0]
+    with pytest.raises(RuntimeError, match="does not fit the captured step.*--no-cuda-graphs"):
+        worker.batch_for_captured_step(run, step, torch.randn(3, 3, 6, 6), labels)
+
+
+def test_ddp_warms_up_eleven_steps_before_the_capture_and_says_what_the_graph_holds(monkeypatch):
+    """torch captures a DDP step whole only after at least 11 eager DDP steps; the start-up line names
+    the all-reduce and the padding of a short batch."""
+    assert graph_warmup_steps(1) == GRAPH_WARMUP_STEPS == 3
+    assert graph_warmup_steps(2) == graph_warmup_steps(8) == DDP_GRAPH_WARMUP_STEPS == 11
+    run = build(True)
+    said = _Said()
+    run.say, run.world_size, run.opts = said, 2, {**run.opts, "cuda_graphs": True}
+    monkeypatch.setattr(train_step_module, "GraphedStep", lambda r, m: GraphedStep(r, m, capture=False))
+    step = make_train_step(run)
+    assert step.warmup_steps == 11 and step.batch_size == 8
+    assert len(said) == 1 and "after 11 eager steps" in said[0] and "all-reduce" in said[0]
+    assert "8 images a worker" in said[0] and "padded" in said[0] and "\n" not in said[0]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.fixture
 def deterministic_cudnn(monkeypatch):
@@ -212,5 +271,5 @@ def test_cuda_graphs_run_end_to_end(tmp_path, capsys):
                        "--val-size", "64", "--iters", "12", "--cuda-graphs", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "--cuda-graphs: after 3 eager steps one CUDA graph replays the whole step" in err
+    assert "CUDA graph: after 3 eager steps one graph replays the whole step" in err
     assert os.path.exists(out / "final.pt")
