@@ -346,6 +346,41 @@ def test_fused_training_step_cuda_graph_bf16():
             assert torch.equal(a, b), k
 
 
+@pytest.mark.gpu
+def test_fused_training_under_reduce_overhead_compile_follows_eager():
+    """torch.compile(mode="reduce-overhead") (inductor's CUDA graph trees) with the fused operators in its
+    graphs: a few bf16 SGD steps follow the same model run eagerly, and no graph is skipped."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = channels_last(create_model("resnet11", 10, kernels="fused").to(dev))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    runs = [(compiled, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)),
+            (eager, torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9))]
+    x = channels_last(torch.randn(32, 3, 32, 32, device=dev))
+    y = torch.randint(0, 10, (32,), device=dev)
+    for _ in range(5):  # warm-up runs, the recording, then replays
+        torch.compiler.cudagraph_mark_step_begin()
+        losses = []
+        for m, opt in runs:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().float().clone())
+        torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=k)
+        else:
+            assert torch.equal(a, b), k
+
+
 @pytest.mark.skipif(not Fp.backend("cpu") == "triton", reason="the unit node runs on the Triton path")
 @pytest.mark.parametrize("arch,kw,size,amp", [(*CIFAR_NET, None), (*CIFAR_NET, torch.float16), (*IMAGENET_NET, None)],
                          ids=["cifar-resnet11", "cifar-resnet11-fp16-autocast", "imagenet-resnet14"])
