@@ -42,6 +42,33 @@ def take_batches(loader, n=None):
     return out
 
 
+def run_two_ranks(script, timeout=120):
+    """Run `script` (Python source) as ranks 0 and 1 of a two-process gloo job on this machine, one thread
+    each; returns [(returncode, stdout, stderr)] by rank."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(k, None)
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a rank of the two-rank job hung for {timeout} s")
+    return results
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: tiny nets gain nothing from threads, and one thread gives one

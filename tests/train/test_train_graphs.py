@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_two_ranks
 from fastpreact.train import worker
 from fastpreact.train.options import lr_at, resolve_config
 from fastpreact.train import step as train_step_module
@@ -214,6 +215,48 @@ def test_ddp_warms_up_eleven_steps_before_the_capture_and_says_what_the_graph_ho
     assert step.warmup_steps == 11 and step.batch_size == 8
     assert len(said) == 1 and "after 11 eager steps" in said[0] and "all-reduce" in said[0]
     assert "8 images a worker" in said[0] and "padded" in said[0] and "\n" not in said[0]
+
+
+DDP_STEP = """
+import torch
+from pathlib import Path
+from fastpreact.train import worker
+from fastpreact.train.distributed import destroy_process_group, init_process_group, replica_mismatches
+from fastpreact.train.options import resolve_config
+from fastpreact.train.step import GraphedStep
+torch.set_num_threads(1)
+init_process_group(torch.device("cpu"), 60.0)
+rank = torch.distributed.get_rank()
+opts = {"dataset": "shapes10", "device": "cpu", "arch": "resnet8", "batch_size": 16, "train_size": 128,
+        "val_size": 32, "iters": 6, "warmup_iters": 2}
+cfg = resolve_config(opts, 2)
+cfg.cuda_graphs = True  # fused SGD and the lr tensor: the configuration of a captured step
+said = []
+run = worker.build_run(opts, cfg, torch.device("cpu"), rank, 2, Path("unused"), said.append)
+step = GraphedStep(run, run.train_model, capture=False)
+losses = []
+for i, ((images, labels), _) in enumerate(zip(run.data.train, range(6))):
+    if rank == 1 and i == 2:
+        images, labels = images[:5], labels[:5]  # short on one rank only
+    batch = worker.batch_for_captured_step(run, step, images, labels)
+    if batch is not None:  # as the training loop does
+        losses.append(float(step(*batch)))
+print("steps", len(losses), "padded", sum("padded to 8" in m for m in said))
+worker.average_bn_buffers(run.model, True)  # as the trainer does before it compares the ranks
+print("mismatches", replica_mismatches(run.model.state_dict()))
+destroy_process_group(barrier=True)
+"""
+
+
+def test_ddp_whole_step_keeps_the_ranks_in_step_when_one_batch_comes_short():
+    """Two gloo ranks run the step a DDP capture records (GraphedStep without the graph, on its static
+    buffers, the DDP wrapper and fused SGD with the lr tensor); rank 1's third batch comes short and is
+    padded, so both ranks take every step and their weights stay identical (a skip on one rank would
+    leave the other in an all-reduce that never completes, and this test would hang, then fail)."""
+    results = run_two_ranks(DDP_STEP)
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, err[-3000:]
+        assert out.splitlines() == [f"steps 6 padded {rank}", "mismatches []"], (out, err[-2000:])
 
 
 # ---------------------------------------------------------------------------------------------- GPU

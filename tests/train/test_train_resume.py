@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from conftest import run_two_ranks
 from oracle import assert_same_weights, load_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -209,18 +210,8 @@ destroy_process_group(barrier=True)
 
 
 def test_a_rank_whose_weights_drifted_is_found():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(k, None)
-    procs = [subprocess.Popen([sys.executable, "-c", REPLICAS], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    for code, out, err in run_two_ranks(REPLICAS):
+        assert code == 0, err[-3000:]
         assert out.splitlines() == ["same []", "nudged [('0.weight', [1])]"]  # the same answer on both ranks
 
 
