@@ -255,7 +255,7 @@ def _resolve_precision(c):
         # With the host's cost per launch measured on a CPU, the cost model predicts every eager step on
         # one GPU host-bound, ResNet-200's at batch 64 included (hundreds of launches a step): the graph
         # removes the host's part. Under DDP it is asked for with --cuda-graphs (the all-reduce is then
-        # captured too, which the project has not yet run on several GPUs).
+        # captured too, and no multi-GPU test covers that yet).
         c.cuda_graphs = (c.device == "cuda" and c.world_size == 1 and not c.compile)
     if c.cuda_graphs and c.device != "cuda":
         raise UsageError("--cuda-graphs needs a CUDA GPU; drop it on a CPU")

@@ -26,6 +26,8 @@ stays on.
 The eager step and the captured one call the same function (whole_step); GraphedStep(run, model,
 capture=False) runs it on the same static buffers without a graph, which is how the CPU tests check it.
 """
+import contextlib
+
 import torch
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capturing the CUDA graph (lazy init, autotuning, cudnn)
@@ -114,6 +116,20 @@ def bind_lr_tensor(optimizer, device):
     return lr
 
 
+@contextlib.contextmanager
+def stream_context(stream):
+    """Run the block on `stream` (a CUDA side stream, ordered after the current stream's work and before
+    what follows it), or as it is when `stream` is None."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
 class StaticBatch:
     """The captured step's input tensors: each batch is copied into them (copy_), so a replay reads it.
     Allocated from the first batch; a batch of another shape does not fit (fits() says so)."""
@@ -151,9 +167,7 @@ class GraphedStep:
         self.batch = StaticBatch()
         self.eager_steps, self.graph, self.static_loss = 0, None, None
         # One side stream warms up and captures (and, under DDP, built the wrapper: run.graph_stream).
-        self.stream = None
-        if capture:
-            self.stream = getattr(run, "graph_stream", None) or torch.cuda.Stream(run.device)
+        self.stream = (run.graph_stream or torch.cuda.Stream(run.device)) if capture else None
 
     @property
     def captured(self):
@@ -178,14 +192,9 @@ class GraphedStep:
         return loss
 
     def _eager(self, images, labels):
-        if not self.capture:
+        # The warm-up before a capture runs on a side stream, as torch.cuda.graphs asks (none: capture=False).
+        with stream_context(self.stream):
             return self.step_fn(images, labels)
-        # The warm-up before a capture runs on a side stream, as torch.cuda.graphs asks.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            loss = self.step_fn(images, labels)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return loss
 
     def _capture(self, images, labels):
         self.run.optimizer.zero_grad(set_to_none=True)

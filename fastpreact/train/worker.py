@@ -29,7 +29,7 @@ from ..kernels import tuning
 from .evaluation import evaluate
 from .metrics import RunLog
 from .components import autocast_for, create_run_model, load_data, seed_everything, setup_worker
-from .step import make_scaler, make_train_step
+from .step import make_scaler, make_train_step, stream_context
 
 MAX_NONFINITE = 20      # a loss non-finite this many steps in a row stops the run
 
@@ -141,19 +141,6 @@ def build_run(opts, cfg, device, rank, world_size, out, say):
                     criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                     autocast=autocast_for(cfg, device), graph_stream=graph_stream)
 
-
-@contextlib.contextmanager
-def stream_context(stream):
-    """Run the block on `stream` (a CUDA side stream, ordered after the current stream's work and before
-    what follows it), or as it is when `stream` is None."""
-    if stream is None:
-        yield
-        return
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        yield
-    current.wait_stream(stream)
 
 
 def build_optimizer(model, cfg, device):
@@ -288,19 +275,15 @@ def batch_for_captured_step(run, train_step, images, labels):
     if fits is None or fits(images, labels):
         return images, labels
     have, want = images.shape[0], train_step.batch_size
-    padded = None
-    if run.distributed and 0 < have < want:
-        padded = pad_batch(images, labels, want)
-        if not train_step.fits(*padded):
-            padded = None
-    if padded is not None:
+    if run.distributed:  # a skip on one rank would leave the others waiting in the replay's all-reduce
+        padded = pad_batch(images, labels, want) if 0 < have < want else None
+        if padded is None or not fits(*padded):
+            raise RuntimeError(f"step {run.step}: rank {run.rank}: a training batch of shape {tuple(images.shape)} "
+                               f"does not fit the captured step ({want} images); rerun with --no-cuda-graphs")
         run.say(f"warning: step {run.step}: rank {run.rank}: a training batch of {have} images padded to {want} "
                 f"by repeating its first images: under DDP the CUDA graph (--cuda-graphs) replays on every rank "
                 f"together (the loader dropped undecodable images from this one)")
         return padded
-    if run.distributed:  # a skip on one rank would leave the others waiting in the replay's all-reduce
-        raise RuntimeError(f"step {run.step}: rank {run.rank}: a training batch of shape {tuple(images.shape)} does "
-                           f"not fit the captured step ({want} images); rerun with --no-cuda-graphs")
     run.say(f"warning: step {run.step}: skipped a training batch of {have} images: the CUDA graph "
             f"(--cuda-graphs) replays a step captured for batches of exactly {want} (the "
             f"loader dropped undecodable images from this one)")
