@@ -248,7 +248,10 @@ def reduce_splits(M, K, N, block_n, block_k, card, block_m=128):
     return max(1, min(balanced, cdiv(card.sms, tiles), cdiv(M, block_m)))
 
 
-_PLANS: dict = {}  # (M, K, N, card) -> the reduce pass's buffer plan: computed once per shape
+# (M, K, N, card) -> the reduce pass's buffer plan, computed once per shape. A plan cache: clear() empties
+# it, since it is sized for the card's configs of the moment (the tests' tuner emulation adds smaller
+# tiles, whose partials and tickets would overrun buffers sized before).
+_PLANS = plan_cache()
 
 
 def _reduce_plan(M, K, N, card):
