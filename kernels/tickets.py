@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .tracing import _ACTIVE as _TRACED
+
 __all__ = ["tickets", "prepare", "SLOTS", "SPARES"]
 
 SLOTS = 1 << 16
@@ -48,7 +50,11 @@ def _zeros(device, size):
 
 
 def tickets(device, count: int) -> torch.Tensor:
-    """At least `count` int32 tickets at 0 for kernels launched on `device`'s current stream."""
+    """At least `count` int32 tickets at 0 for kernels launched on `device`'s current stream. While an
+    operator is traced into its kernels (tracing.py), `count` fresh ones: the graph allocates and zeroes
+    them itself (a buffer made outside the graph would be a constant of it)."""
+    if _TRACED[0]:
+        return torch.zeros(count, dtype=torch.int32, device=device)
     if not isinstance(device, torch.device):
         device = torch.device(device)
     if device.type == "cuda" and device.index is None:

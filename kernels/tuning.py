@@ -19,8 +19,10 @@ tiles (and a tile sets the reduction order, hence the bits); and it re-keys ever
                                        store, the other ranks wait for it: every rank launches the
                                        same tiles.
 Choices are never timed where nothing can run (fake or meta tensors: the cost model); the first
-candidate stands for the tuned one there. FASTPREACT_QUICK_AUTOTUNE=1 times each candidate for a few
-milliseconds instead of ~100 (tests on a GPU need a valid choice, not the fastest).
+candidate stands for the tuned one there. A launch traced by torch.compile (tracing.py) has fake
+arguments too: its tile is timed on real stand-ins of their sizes (_standins) and enters the table.
+FASTPREACT_QUICK_AUTOTUNE=1 times each candidate for a few milliseconds instead of ~100 (tests on a GPU
+need a valid choice, not the fastest).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 
 from . import configs
 from .cards import Card
+from .tracing import _ACTIVE as _TRACED, traceable
 
 __all__ = ["cdiv", "launch", "launch_planned", "Plan", "plan_cache", "fp32_empty", "fp32_buffer", "TunedKernel",
            "table", "pin", "clear", "save", "read", "load", "coordinate", "benchmark"]
@@ -61,7 +64,10 @@ def _on_device(device: torch.device):
 
 
 def launch(kernel, grid, args, device: torch.device, **kwargs):
-    """kernel[grid](*args, **kwargs) with `device` current while it launches."""
+    """kernel[grid](*args, **kwargs) with `device` current while it launches (a graph node instead while
+    an operator is traced: tracing.py)."""
+    if _TRACED[0]:
+        kernel = traceable(kernel)
     guard = _on_device(device)
     if guard is None:
         return kernel[grid](*args, **kwargs)
@@ -93,6 +99,8 @@ def plan_cache() -> dict:
 def launch_planned(kernel, plan: Plan, args, device: torch.device):
     """launch(kernel, plan.grid, args, device, **plan.kwargs), without re-packing the keywords through
     launch's signature (a microsecond or two a launch)."""
+    if _TRACED[0]:
+        kernel = traceable(kernel)
     guard = _on_device(device)
     if guard is None:
         return kernel[plan.grid](*args, **plan.kwargs)
@@ -205,13 +213,18 @@ class TunedKernel:
             warnings.warn(f"fastpreact: the pinned tile {chosen!r} of {self.name} [{key}] is not a config of "
                           f"{card.name} here; tuning again", stacklevel=3)
         if tile is None:
-            tile = self._decide(card, key, cands, grid, args, device, constexprs)
-        if _runnable(args):  # a fake run (the cost model) does not settle a real choice
+            if _runnable(args):
+                tile = self._decide(card, key, cands, grid, args, device, constexprs)
+            elif _TRACED[0]:
+                with _outside_the_trace():
+                    tile = self._decide(card, key, cands, grid, _standins(args), device, constexprs)
+            else:  # a fake run (the cost model) does not settle a real choice
+                return self._decide(card, key, cands, grid, None, device, constexprs)
             _TABLE.setdefault(card.name, {}).setdefault(self.name, {})[key] = tile.name
         return tile
 
     def _decide(self, card, key, cands, grid, args, device, constexprs):
-        if len(cands) == 1 or not _runnable(args):
+        if len(cands) == 1 or args is None:
             return cands[0]
         if _COORDINATOR and _COORDINATOR[-1][1] != 0:
             return _wait_for_rank0(self.name, card, key, cands)
@@ -237,6 +250,33 @@ class TunedKernel:
         if math.isinf(times[best.name]):
             raise RuntimeError(f"fastpreact: no tile config of {self.name} runs on this card ({last_error})")
         return best
+
+
+@contextlib.contextmanager
+def _outside_the_trace():
+    """Real launches while an operator is traced (tuning on stand-ins): no dispatch mode (fake,
+    functional, proxy) sees them, and they are not wrapped as graph nodes."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    previous, _TRACED[0] = _TRACED[0], False
+    try:
+        with _disable_current_modes(), torch.no_grad():
+            yield
+    finally:
+        _TRACED[0] = previous
+
+
+def _standins(args):
+    """Real tensors of the sizes, strides and dtypes of a traced launch's (fake) arguments, made outside
+    the trace: torch.compile traces the operators into their kernels on fake tensors, and a tile is tuned
+    once per shape on stand-ins, as inductor tunes its own templates on random inputs. Values: normal
+    floats, zero integers (tickets start at 0)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            t = torch.empty_strided(tuple(a.shape), tuple(a.stride()), dtype=a.dtype, device=a.device)
+            a = t.normal_() if t.is_floating_point() else t.zero_()
+        out.append(a)
+    return tuple(out)
 
 
 def _wait_for_rank0(name, card, key, cands):

@@ -31,7 +31,8 @@ Modules:
   bottleneck  preact_bottleneck: a pre-activation bottleneck in training as one autograd node (the same
               launches as its three ops, without their per-op Python)
   library     the torch.library registration helper (torch.ops.fastpreact.*, fake implementations),
-              so that dynamo and torch.compile trace every op without a graph break
+              so that dynamo and torch.compile trace every op without a graph break, and AOTAutograd
+              decomposes each into its Triton launches (trace_kernels_on_cpu: also for CPU tensors)
 
 Nothing here imports triton before a kernel first runs, and nothing synchronises with the host.
 """
@@ -39,6 +40,7 @@ from .backends import backend, use_triton  # noqa: F401
 from .batchnorm import batch_stats, bn_args, bn_stats, update_running_stats  # noqa: F401
 from .bn_relu import bn_relu, bn_relu_conv2d, bn_relu_max_pool2d  # noqa: F401
 from .bottleneck import eligible as bottleneck_eligible, preact_bottleneck  # noqa: F401
+from .library import trace_kernels_on_cpu  # noqa: F401
 from .conv1x1 import Fusable, ShortcutGrad, bn_relu_conv1x1, bn_relu_conv1x1_dual, conv1x1_fusable  # noqa: F401
 from .types import BNFinish, BNStats  # noqa: F401
 

@@ -176,6 +176,147 @@ def test_compiled_step_matches_eager(backend):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The kernels in compiled graphs: each operator decomposed into its launches (functional/library.py)
+# ---------------------------------------------------------------------------------------------------
+class RecordingBackend:
+    """aot_eager (the graphs run node by node, Triton's interpreter running the kernels), keeping the
+    forward and backward graphs AOTAutograd hands its compilers."""
+
+    def __init__(self):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+        self.graphs = []
+
+        def keep(gm, _):
+            self.graphs.append(gm)
+            return make_boxed_func(gm.forward)
+        self.backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+    def __call__(self, gm, inputs):
+        return self.backend(gm, inputs)
+
+    def nodes(self):
+        return [n for gm in self.graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+    def operators(self):
+        """{fastpreact operator: nodes}; one that mutates its arguments is an auto_functionalized node."""
+        ops = [n.args[0] if "auto_functionalized" in str(n.target) else n.target for n in self.nodes()]
+        return collections.Counter(str(op).split(".")[1] for op in ops if str(op).startswith("fastpreact."))
+
+    def kernels(self):
+        """[(kernel name, the arguments the functional graph copies because the kernel writes them)]."""
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        out = []
+        for n in self.nodes():
+            if "triton_kernel_wrapper" in str(n.target):
+                kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+                out.append((kernel.fn.__name__, set(n.kwargs.get("tensors_to_clone", ()))))
+        return out
+
+
+def _steps_match(name, backend, steps=2, dynamic=None, amp=None):
+    """Two training steps and an eval forward of small_net(name), compiled with `backend` and eager."""
+    torch._dynamo.reset()
+    eager_model, x = small_net(name)
+    compiled_model, _ = small_net(name)
+    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True, dynamic=dynamic)
+    tol = dict(rtol=1e-4, atol=1e-5) if amp is None else dict(rtol=2e-2, atol=2e-2)
+    for _ in range(steps):  # later steps run on the running statistics the first one updated
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            want = _train_step(eager_model, x, eager_model)
+            got = _train_step(compiled_model, x, compiled)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        for n in want[1]:
+            torch.testing.assert_close(got[1][n], want[1][n], **tol, msg=n)
+        for n in want[2]:
+            torch.testing.assert_close(got[2][n], want[2][n], **tol, msg=n)
+    eager_model.eval(), compiled_model.eval()
+    torch.testing.assert_close(compiled(x), eager_model(x), **tol)
+
+
+# Arguments no kernel writes: a graph that copies one of them has lost torch's analysis of the kernel
+# (which falls back to "every argument is written", wrong where one tensor is passed for two arguments).
+READ_ONLY = {"x_ptr", "w_ptr", "gamma_ptr", "beta_ptr", "dy_ptr", "dy2_ptr", "res_ptr", "bias_ptr"}
+
+
+@pytest.mark.parametrize("name", ["preact bottleneck", "imagenet original bottleneck", "preact basic"])
+def test_compiled_graphs_hold_the_kernels_and_match_eager(name):
+    """Under FunctionalTensorMode (AOTAutograd) the operators decompose into wrap_triton launches: the
+    forward and backward graphs name the Triton kernels, keep no fastpreact operator, copy only what a
+    kernel writes, and run (aot_eager) to eager's outputs, gradients and buffers."""
+    rec = RecordingBackend()
+    with Fp.trace_kernels_on_cpu():
+        _steps_match(name, rec)
+    assert not rec.operators(), rec.operators()
+    kernels = rec.kernels()
+    names = {k for k, _ in kernels}
+    want = {"_batch_stats_kernel"}
+    if "bottleneck" in name:
+        want |= {"_bn_relu_conv1x1_fwd_kernel", "_bn_relu_conv1x1_bwd_reduce_kernel",
+                 "_bn_relu_conv1x1_bwd_dgrad_kernel"}
+    else:
+        want |= {"_bn_relu_fwd_kernel", "_bn_relu_bwd_reduce_kernel", "_bn_relu_bwd_dx_kernel"}
+    assert want <= names, names
+    for kernel, written in kernels:
+        assert written and not written & READ_ONLY, (kernel, written)
+
+
+def test_compiled_graphs_hold_the_kernels_under_autocast():
+    rec = RecordingBackend()
+    with Fp.trace_kernels_on_cpu():
+        _steps_match("preact bottleneck", rec, amp=torch.float16)
+    assert not rec.operators() and rec.kernels()
+
+
+def test_operators_stay_opaque_where_they_cannot_decompose(monkeypatch):
+    """CPU tensors by default (inductor cannot lower Triton for the CPU), symbolic sizes (a launch plan is
+    keyed by concrete sizes) and FASTPREACT_COMPILE_KERNELS=0: one operator node each, still matching
+    eager."""
+    from fastpreact.functional import library
+    rec = RecordingBackend()
+    _steps_match("preact bottleneck", rec, steps=1)
+    assert rec.operators()["bn_relu_conv1x1"] > 0 and not rec.kernels()
+    rec = RecordingBackend()
+    with Fp.trace_kernels_on_cpu():
+        _steps_match("preact bottleneck", rec, steps=1, dynamic=True)
+    assert rec.operators()["bn_relu_conv1x1"] > 0 and not rec.kernels()
+    monkeypatch.setattr(library, "COMPILE_KERNELS", False)
+    rec = RecordingBackend()
+    with Fp.trace_kernels_on_cpu():
+        _steps_match("preact bottleneck", rec, steps=1)
+    assert rec.operators()["bn_relu_conv1x1"] > 0 and not rec.kernels()
+
+
+def test_traced_launches_tune_their_tiles_on_stand_ins(monkeypatch):
+    """A compiled graph's tiles: the tracer has only fake tensors, so each tuned kernel is timed on real
+    stand-ins of their sizes (as on a GPU) and the winner (the last candidate here, not the default)
+    enters the table, which the eager run then reuses without timing. The timing never touches the
+    model (its running statistics are updated once, as eager's), and the step matches eager, every grid
+    run in a shuffled program order."""
+    from gpu_emulation import autotuning, shuffled_grid
+    from fastpreact.kernels import tuning
+    torch._dynamo.reset()
+    compiled_model, x = small_net("preact bottleneck")
+    eager_model, _ = small_net("preact bottleneck")
+    rec = RecordingBackend()
+    with autotuning(monkeypatch) as state, Fp.trace_kernels_on_cpu(), shuffled_grid(1):
+        compiled = torch.compile(compiled_model, backend=rec, fullgraph=True)
+        got = _train_step(compiled_model, x, compiled)  # traced first: every tile is tuned while tracing
+        timed = state.timed
+        tuned = {kernel for choices in tuning.table()["cards"].values() for kernel in choices}
+        want = _train_step(eager_model, x, eager_model)
+        assert state.timed == timed  # the eager step found every shape's tile in the table
+    assert timed > 0 and {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_reduce", "bn_relu_conv1x1_bwd_dgrad"} <= tuned
+    assert rec.kernels() and not rec.operators()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert got[2]["stages.0.0.norm1.num_batches_tracked"].item() == 1
+
+
+# ---------------------------------------------------------------------------------------------------
 # The operators' registrations; fake tensors
 # ---------------------------------------------------------------------------------------------------
 def _vec(c, lo=0.5):

@@ -381,6 +381,39 @@ def test_fused_training_under_reduce_overhead_compile_follows_eager():
             assert torch.equal(a, b), k
 
 
+@pytest.mark.gpu
+def test_inductor_calls_the_kernels_from_its_generated_code():
+    """torch.compile (inductor) of a fused training step: the operators decomposed into their launches
+    (functional/library.py), so the generated Python calls the Triton kernels themselves and no
+    fastpreact operator is left; loss and gradients follow eager."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = channels_last(create_model("resnet11", 10, kernels="fused").to(dev))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    x = channels_last(torch.randn(32, 3, 32, 32, device=dev))
+    y = torch.randint(0, 10, (32,), device=dev)
+
+    def step(m):
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss.detach()
+
+    loss, code = run_and_get_code(step, compiled)
+    source = "\n".join(code)
+    for kernel in ("_batch_stats_kernel", "_bn_relu_conv1x1_fwd_kernel", "_bn_relu_conv1x1_bwd_reduce_kernel",
+                   "_bn_relu_conv1x1_bwd_dgrad_kernel"):
+        assert kernel in source, kernel
+    assert "torch.ops.fastpreact" not in source
+    torch.testing.assert_close(loss, step(eager), rtol=1e-3, atol=1e-3)
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-3, msg=name)
+    for (name, a), b in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-4, msg=name)
+
+
 @pytest.mark.skipif(not Fp.backend("cpu") == "triton", reason="the unit node runs on the Triton path")
 @pytest.mark.parametrize("arch,kw,size,amp", [(*CIFAR_NET, None), (*CIFAR_NET, torch.float16), (*IMAGENET_NET, None)],
                          ids=["cifar-resnet11", "cifar-resnet11-fp16-autocast", "imagenet-resnet14"])
