@@ -53,6 +53,11 @@ def traceable(kernel):
     return wrap_triton(kernel)
 
 
+def traceable_kernel(kernel):
+    """The kernel wrap_triton is given for `kernel`: itself, or its twin under the interpreter."""
+    return _twin(kernel)
+
+
 def _interpreted_type():
     try:
         from triton.runtime.interpreter import InterpretedFunction
