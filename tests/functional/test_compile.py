@@ -273,32 +273,47 @@ def _inductor_source(kernel) -> str:
     return "import triton\nimport triton.language as tl\n\n@triton.jit\n" + body
 
 
-def test_the_source_inductor_emits_for_each_kernel_is_complete(monkeypatch, tmp_path):
+@pytest.mark.parametrize("passes", [2, 3])
+def test_the_source_inductor_emits_for_each_kernel_is_complete(passes, monkeypatch, tmp_path):
     """Inductor does not call the kernel objects: it re-emits each kernel's source with its helpers and
     globals into its generated module and compiles that. Here that source, for every kernel a compiled
-    step names, is loaded as a module of its own (the interpreter runs it) and replaces the kernel in
-    torch's kernel table: the compiled step still matches eager, so no helper, constant or import is
-    missing from what inductor would compile."""
+    training step and eval forward name (the fused backward in two and in three passes), is loaded as a
+    module of its own (the interpreter runs it) and replaces the kernel in torch's kernel table: the
+    compiled runs still match eager, so no helper, constant or import is missing from what inductor would
+    compile."""
     import importlib.util
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from triton.runtime.autotuner import Autotuner
     from fastpreact.kernels import tracing
+    from fastpreact.kernels.bn_relu_conv1x1 import backward
+    monkeypatch.setattr(backward, "FORCED_PASSES", passes)
     rec = RecordingBackend()
     torch._dynamo.reset()
     eager_model, x = small_net("imagenet original bottleneck")
     compiled_model, _ = small_net("imagenet original bottleneck")
     compiled = torch.compile(compiled_model, backend=rec, fullgraph=True)
-    with Fp.trace_kernels_on_cpu():
+
+    def both_ways():
+        eager_model.train(), compiled_model.train()
         want, got = _train_step(eager_model, x, eager_model), _train_step(compiled_model, x, compiled)
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-        indices = sorted({n.kwargs["kernel_idx"] for n in rec.nodes() if "triton_kernel_wrapper" in str(n.target)})
-        assert indices
-        for idx in indices:
+        for n in want[1]:
+            torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
+        for n in want[2]:
+            torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+        eager_model.eval(), compiled_model.eval()
+        torch.testing.assert_close(compiled(x), eager_model(x), rtol=1e-4, atol=1e-5)
+
+    with Fp.trace_kernels_on_cpu():
+        both_ways()
+        names = set()
+        for idx in sorted({n.kwargs["kernel_idx"] for n in rec.nodes() if "triton_kernel_wrapper" in str(n.target)}):
             # torch hands a launch with num_warps/num_stages on as a one-config Autotuner around the
             # kernel; inductor emits the source of the kernel inside
             outer = kernel_side_table.get_kernel(idx)
             kernel = outer.fn if isinstance(outer, Autotuner) else outer
             name = kernel.fn.__name__
+            names.add(name)
             path = tmp_path / f"emitted_{idx}_{name}.py"
             path.write_text(_inductor_source(kernel))
             spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -310,12 +325,11 @@ def test_the_source_inductor_emits_for_each_kernel_is_complete(monkeypatch, tmp_
                 monkeypatch.setitem(kernel_side_table.id_to_kernel, idx, emitted)
             else:
                 monkeypatch.setattr(outer, "fn", emitted)
-        want, got = _train_step(eager_model, x, eager_model), _train_step(compiled_model, x, compiled)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-    for n in want[1]:
-        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
-    for n in want[2]:
-        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+        both_ways()
+    want = {"_batch_stats_kernel", "_bn_finalize_kernel", "_bn_relu_fwd_kernel", "_bn_relu_conv1x1_fwd_kernel"}
+    want |= ({"_bn_relu_conv1x1_bwd_dz_kernel", "_bn_relu_conv1x1_bwd_dx_kernel"} if passes == 3 else
+             {"_bn_relu_conv1x1_bwd_reduce_kernel", "_bn_relu_conv1x1_bwd_dgrad_kernel"})
+    assert want <= names, names
 
 
 def test_compiled_graphs_hold_the_kernels_under_autocast():
