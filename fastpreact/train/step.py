@@ -43,8 +43,9 @@ def make_train_step(run):
     """The training step of `run` (a worker.RunState): images, labels -> loss. With --cuda-graphs it is a
     GraphedStep, whose batch_size is the only batch size it takes."""
     cfg = run.cfg
-    # The step does not care which kernels the model runs: with --kernels fused, torch.compile traces the
-    # fused ops as operators, like any other.
+    # The step does not care which kernels the model runs: with --kernels fused on a GPU, torch.compile
+    # decomposes the fused operators into their Triton launches (functional/library.py), which inductor's
+    # generated code then calls like its own kernels.
     model = torch.compile(run.train_model) if cfg.compile else run.train_model
     if cfg.cuda_graphs:
         scaling = "dynamic fp16 loss scale" if cfg.amp == "fp16" else "finite check"
