@@ -332,6 +332,32 @@ def test_the_source_inductor_emits_for_each_kernel_is_complete(passes, monkeypat
     assert want <= names, names
 
 
+def test_fused_torchvision_blocks_compile_into_their_kernels():
+    """fuse() on torchvision bottlenecks (post-activation: the fused ops behind nn modules, a strided
+    projection): the compiled training step holds the kernels, no operator, and matches eager."""
+    tvr = pytest.importorskip("torchvision.models.resnet")
+
+    def blocks():
+        torch.manual_seed(0)
+        projection = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        model = nn.Sequential(tvr.Bottleneck(16, 4), tvr.Bottleneck(16, 8, stride=2, downsample=projection))
+        return _fused(model).to(memory_format=torch.channels_last)
+
+    torch._dynamo.reset()
+    eager_model, compiled_model = blocks(), blocks()
+    x = channels_last(torch.randn(2, 16, 8, 8))
+    rec = RecordingBackend()
+    compiled = torch.compile(compiled_model, backend=rec, fullgraph=True)
+    with Fp.trace_kernels_on_cpu():
+        want, got = _train_step(eager_model, x, eager_model), _train_step(compiled_model, x, compiled)
+    assert rec.kernels() and not rec.operators(), rec.operators()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_compiled_graphs_hold_the_kernels_under_autocast():
     rec = RecordingBackend()
     with Fp.trace_kernels_on_cpu():
