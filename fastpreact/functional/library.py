@@ -23,8 +23,8 @@ own, under which the operator stays one opaque node, as with torch.export (which
     for graphs that run the traced nodes themselves (the aot_eager backend: the tests);
   - symbolic sizes or scalars (dynamic shapes): a launch plan is keyed by concrete sizes;
   - a torch without torch.library.wrap_triton, or FASTPREACT_COMPILE_KERNELS=0 (below).
-Inside a decomposition the tiles are the tuned ones (kernels/tuning.py's table) where an eager call has
-tuned the shape, else the first candidate (nothing real to time on).
+Inside a decomposition a launch takes its tile from kernels/tuning.py's table; a shape not tuned yet is
+timed there on real stand-ins of the traced arguments (which are fake), and its winner enters the table.
 
 torch.library.custom_op and register_fake are PyTorch 2.4's API; register_torch_dispatch and
 wrap_triton 2.6's.
