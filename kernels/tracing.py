@@ -6,9 +6,9 @@ the kernel from its generated code (no Python operator, no launcher, at run time
   traced_launches()   the context the decomposition runs its implementation in; launch() and
                       launch_planned() (tuning.py) wrap their kernel while it is active, and tickets()
                       hands out fresh zeroed tickets (a graph must not capture a buffer made outside it).
-  active()            whether it is active (one list read: every eager launch asks).
-  traceable(kernel)   what wrap_triton is given: the kernel itself (a JITFunction) or, under Triton's
-                      CPU interpreter, a JITFunction twin of it (below).
+  traceable(kernel)   wrap_triton of traceable_kernel(kernel): the kernel itself (a JITFunction) or,
+                      under Triton's CPU interpreter, a JITFunction twin of it (below).
+_ACTIVE[0] says whether traced_launches() is active (one list read: every eager launch asks).
 
 The interpreter's @triton.jit makes InterpretedFunctions, which wrap_triton passes through unwrapped
 (they carry no JIT metadata), so nothing could be traced on a CPU. The twin is a JITFunction of the same
@@ -24,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import types
 
-__all__ = ["traced_launches", "active", "traceable"]
+__all__ = ["traced_launches", "traceable", "traceable_kernel"]
 
 _ACTIVE = [False]
-_TWINS: dict = {}  # id(interpreted kernel or triton.language module) -> its twin
+# id(interpreted kernel or triton.language module) -> (it, its twin): holding it keeps its id from being
+# reused by another object (the tests load kernels from emitted source files).
+_TWINS: dict = {}
 
 
 @contextlib.contextmanager
@@ -39,23 +41,19 @@ def traced_launches():
         _ACTIVE[0] = previous
 
 
-def active() -> bool:
-    return _ACTIVE[0]
-
-
 def traceable(kernel):
     """wrap_triton of `kernel` (or of its twin): calling it with [grid](...) records a graph node."""
     from torch.library import wrap_triton
-    interpreted_type = _interpreted_type()
-    if interpreted_type is not None and isinstance(kernel, interpreted_type):
-        _restore_language()  # before a twin copies triton.language (below)
-        kernel = _twin(kernel)
-    return wrap_triton(kernel)
+    return wrap_triton(traceable_kernel(kernel))
 
 
 def traceable_kernel(kernel):
     """The kernel wrap_triton is given for `kernel`: itself, or its twin under the interpreter."""
-    return _twin(kernel)
+    interpreted_type = _interpreted_type()
+    if interpreted_type is None or not isinstance(kernel, interpreted_type):
+        return kernel
+    _restore_language()  # before a twin copies triton.language (below)
+    return _twin(kernel, interpreted_type)
 
 
 def _interpreted_type():
@@ -66,12 +64,9 @@ def _interpreted_type():
     return InterpretedFunction
 
 
-def _twin(kernel):
-    interpreted_type = _interpreted_type()
-    if interpreted_type is None or not isinstance(kernel, interpreted_type):
-        return kernel
-    twin = _TWINS.get(id(kernel))
-    return twin if twin is not None else _make_twin(kernel, interpreted_type)
+def _twin(interpreted, interpreted_type):
+    entry = _TWINS.get(id(interpreted))
+    return entry[1] if entry is not None else _make_twin(interpreted, interpreted_type)
 
 
 def _make_twin(interpreted, interpreted_type):
@@ -93,7 +88,8 @@ def _make_twin(interpreted, interpreted_type):
     copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__module__, copy.__qualname__, copy.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
     copy.__annotations__ = dict(getattr(fn, "__annotations__", {}))
-    twin = _TWINS[id(interpreted)] = InterpretedTwin(copy, **interpreted.kwargs)
+    twin = InterpretedTwin(copy, **interpreted.kwargs)
+    _TWINS[id(interpreted)] = (interpreted, twin)
     for name in fn.__code__.co_names:
         if name in scope:
             scope[name] = _twin_value(scope[name], interpreted_type)
@@ -102,7 +98,7 @@ def _make_twin(interpreted, interpreted_type):
 
 def _twin_value(value, interpreted_type):
     if isinstance(value, interpreted_type):
-        return _twin(value)
+        return _twin(value, interpreted_type)
     if isinstance(value, types.ModuleType) and value.__name__.startswith("triton.language"):
         return _language_module(value, interpreted_type)
     return value
@@ -110,15 +106,17 @@ def _twin_value(value, interpreted_type):
 
 def _language_module(module, interpreted_type):
     """A copy of a triton.language module whose interpreted functions are twins (cached per module)."""
-    proxy = _TWINS.get(id(module))
-    if proxy is None:
-        proxy = _TWINS[id(module)] = types.ModuleType(module.__name__)
-        content = dict(vars(module))
-        proxy.__dict__.update(content)
-        for name, value in content.items():
-            twin = _twin_value(value, interpreted_type)
-            if twin is not value:
-                setattr(proxy, name, twin)
+    entry = _TWINS.get(id(module))
+    if entry is not None:
+        return entry[1]
+    proxy = types.ModuleType(module.__name__)
+    _TWINS[id(module)] = (module, proxy)
+    content = dict(vars(module))
+    proxy.__dict__.update(content)
+    for name, value in content.items():
+        twin = _twin_value(value, interpreted_type)
+        if twin is not value:
+            setattr(proxy, name, twin)
     return proxy
 
 

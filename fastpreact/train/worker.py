@@ -142,7 +142,6 @@ def build_run(opts, cfg, device, rank, world_size, out, say):
                     autocast=autocast_for(cfg, device), graph_stream=graph_stream)
 
 
-
 def build_optimizer(model, cfg, device):
     """The paper's SGD; --no-bn-wd exempts BN's gamma/beta and the biases (the 1-d parameters)."""
     if cfg.no_bn_wd:

@@ -151,6 +151,18 @@ def _train_step(model, x, step):
     return out.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
 
 
+STEP_TOL, BUFFER_TOL = dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_same_step(got, want, tol=STEP_TOL, buffer_tol=BUFFER_TOL):
+    """A compiled step's (output, gradients, buffers) (_train_step) against eager's."""
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], **tol, msg=n)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], **buffer_tol, msg=n)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_step_matches_eager(backend):
     torch._dynamo.reset()
@@ -161,15 +173,9 @@ def test_compiled_step_matches_eager(backend):
     for _ in range(2):  # the second step runs on the running statistics the first one updated
         want = _train_step(eager_model, x, eager_model)
         got = _train_step(compiled_model, x, compiled)
-        out_w, grads_w, bufs_w = want
-        out_g, grads_g, bufs_g = got
-        torch.testing.assert_close(out_g, out_w, rtol=1e-4, atol=1e-5)
-        assert grads_g.keys() == grads_w.keys() and bufs_g.keys() == bufs_w.keys()
-        for n in grads_w:
-            torch.testing.assert_close(grads_g[n], grads_w[n], rtol=1e-4, atol=1e-5, msg=n)
-        for n in bufs_w:
-            torch.testing.assert_close(bufs_g[n], bufs_w[n], rtol=1e-5, atol=1e-6, msg=n)
-    assert bufs_g["stages.0.0.norm1.num_batches_tracked"].item() == 2
+        assert got[1].keys() == want[1].keys() and got[2].keys() == want[2].keys()
+        assert_same_step(got, want)
+    assert got[2]["stages.0.0.norm1.num_batches_tracked"].item() == 2
     eager_model.eval(), compiled_model.eval()
     torch.testing.assert_close(compiled(x), eager_model(x), rtol=1e-4, atol=1e-5)
     print(f"{backend}: compile and 2 steps + eval {time.perf_counter() - start:.1f} s")
@@ -220,16 +226,12 @@ def _steps_match(name, backend, steps=2, dynamic=None, amp=None):
     eager_model, x = small_net(name)
     compiled_model, _ = small_net(name)
     compiled = torch.compile(compiled_model, backend=backend, fullgraph=True, dynamic=dynamic)
-    tol = dict(rtol=1e-4, atol=1e-5) if amp is None else dict(rtol=2e-2, atol=2e-2)
+    tol = STEP_TOL if amp is None else dict(rtol=2e-2, atol=2e-2)
     for _ in range(steps):  # later steps run on the running statistics the first one updated
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             want = _train_step(eager_model, x, eager_model)
             got = _train_step(compiled_model, x, compiled)
-        torch.testing.assert_close(got[0], want[0], **tol)
-        for n in want[1]:
-            torch.testing.assert_close(got[1][n], want[1][n], **tol, msg=n)
-        for n in want[2]:
-            torch.testing.assert_close(got[2][n], want[2][n], **tol, msg=n)
+        assert_same_step(got, want, tol, tol)
     eager_model.eval(), compiled_model.eval()
     torch.testing.assert_close(compiled(x), eager_model(x), **tol)
 
@@ -296,11 +298,7 @@ def test_the_source_inductor_emits_for_each_kernel_is_complete(passes, monkeypat
     def both_ways():
         eager_model.train(), compiled_model.train()
         want, got = _train_step(eager_model, x, eager_model), _train_step(compiled_model, x, compiled)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-        for n in want[1]:
-            torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
-        for n in want[2]:
-            torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+        assert_same_step(got, want)
         eager_model.eval(), compiled_model.eval()
         torch.testing.assert_close(compiled(x), eager_model(x), rtol=1e-4, atol=1e-5)
 
@@ -351,11 +349,7 @@ def test_fused_torchvision_blocks_compile_into_their_kernels():
     with Fp.trace_kernels_on_cpu():
         want, got = _train_step(eager_model, x, eager_model), _train_step(compiled_model, x, compiled)
     assert rec.kernels() and not rec.operators(), rec.operators()
-    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-    for n in want[1]:
-        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
-    for n in want[2]:
-        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_step(got, want)
 
 
 def test_compiled_graphs_hold_the_kernels_under_autocast():
@@ -405,11 +399,7 @@ def test_traced_launches_tune_their_tiles_on_stand_ins(monkeypatch):
         assert state.timed == timed  # the eager step found every shape's tile in the table
     assert timed > 0 and {"bn_relu_conv1x1_fwd", "bn_relu_conv1x1_bwd_reduce", "bn_relu_conv1x1_bwd_dgrad"} <= tuned
     assert rec.kernels() and not rec.operators()
-    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-    for n in want[1]:
-        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=n)
-    for n in want[2]:
-        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_step(got, want)
     assert got[2]["stages.0.0.norm1.num_batches_tracked"].item() == 1
 
 

@@ -303,6 +303,15 @@ def test_fused_bf16_step_matches_stock_cuda(arch, kw, size, batch):
     check_bf16_step_matches(torch.device("cuda"), arch, kw, size, batch)
 
 
+def assert_state_follows(model, eager):
+    """A bf16 run's state_dict against the same model's eager run: floating tensors close, counters equal."""
+    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=k)
+        else:
+            assert torch.equal(a, b), k
+
+
 @pytest.mark.gpu
 def test_fused_training_step_cuda_graph_bf16():
     """A whole training step (forward, backward, SGD) captured by a CUDA graph under bf16 autocast
@@ -339,11 +348,7 @@ def test_fused_training_step_cuda_graph_bf16():
         eager_loss = step(eager, opt_eager)
         torch.testing.assert_close(static_loss.float(), eager_loss.float(), rtol=2e-2, atol=2e-2)
     torch.cuda.synchronize()
-    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
-        if a.is_floating_point():
-            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=k)
-        else:
-            assert torch.equal(a, b), k
+    assert_state_follows(model, eager)
 
 
 @pytest.mark.gpu
@@ -374,11 +379,7 @@ def test_fused_training_under_reduce_overhead_compile_follows_eager():
             losses.append(loss.detach().float().clone())
         torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
-        if a.is_floating_point():
-            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=k)
-        else:
-            assert torch.equal(a, b), k
+    assert_state_follows(model, eager)
 
 
 @pytest.mark.gpu
